@@ -1,0 +1,318 @@
+"""A pure-functional Llama-family decoder (Llama 2/3, Vicuna, Mistral, Qwen2, SmolLM2).
+
+Plain functions over an explicit params pytree (no Linen state): ``forward`` takes the backbone
+params, tokens, their RoPE positions, an attention mask over the KV cache and the cache itself, and
+returns ``(logits, hidden, new_cache)``. Nothing about Medusa lives here: a tree verification is a
+forward whose mask is a tree mask.
+
+Einsum legend (see ``medusa_jax/__init__.py``): B batch, L new tokens, S cache rows, D model, H query
+heads, K kv heads, G = H // K query heads per kv head, E head dim, F MLP width, V vocabulary.
+
+Parameter layout (``base``), HF names in brackets::
+
+  embed        [V, D]      (model.embed_tokens)
+  layers_i/attn_norm [D]   (input_layernorm)
+          wq [D, H, E], wk/wv [D, K, E], wo [H, E, D]   (self_attn.{q,k,v,o}_proj, transposed)
+          bq [H, E], bk/bv [K, E]                       (only with qkv_bias, e.g. Qwen2)
+          mlp_norm [D]     (post_attention_layernorm)
+          w_gate/w_up [D, F], w_down [F, D]             (mlp.{gate,up,down}_proj, transposed)
+  final_norm   [D]         (model.norm)
+  lm_head      [D, V]      (lm_head, only when embeddings are untied)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+Cache = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a Llama-family decoder. Hashable: usable as a jit static argument."""
+  vocab_size: int
+  dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  # llama3-style scaling: (factor, low_freq_factor, high_freq_factor, original_max_position).
+  rope_scaling: tuple[float, float, float, int] | None = None
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  max_seq_len: int = 8192
+  bos_id: int | None = 1
+  eos_ids: tuple[int, ...] = (2,)
+  dtype: str = "float32"        # activations / matmul inputs
+  param_dtype: str = "float32"  # stored weights
+  name: str = "llama"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+
+def param_shapes(cfg: ModelConfig) -> dict:
+  """Shapes and logical axis names of every backbone parameter: {path: (shape, axes)}."""
+  D, H, K, E, F, V = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  layer = {
+      "attn_norm": ((D,), ("norm",)),
+      "wq": ((D, H, E), ("embed", "heads", "head_dim")),
+      "wk": ((D, K, E), ("embed", "kv_heads", "head_dim")),
+      "wv": ((D, K, E), ("embed", "kv_heads", "head_dim")),
+      "wo": ((H, E, D), ("heads", "head_dim", "embed")),
+      "mlp_norm": ((D,), ("norm",)),
+      "w_gate": ((D, F), ("embed", "mlp")),
+      "w_up": ((D, F), ("embed", "mlp")),
+      "w_down": ((F, D), ("mlp", "embed")),
+  }
+  if cfg.qkv_bias:
+    layer.update({
+        "bq": ((H, E), ("heads", "head_dim")),
+        "bk": ((K, E), ("kv_heads", "head_dim")),
+        "bv": ((K, E), ("kv_heads", "head_dim")),
+    })
+  tree = {"embed": ((V, D), ("vocab", "embed")), "final_norm": ((D,), ("norm",))}
+  for i in range(cfg.num_layers):
+    tree[f"layers_{i}"] = dict(layer)
+  if not cfg.tie_embeddings:
+    tree["lm_head"] = ((D, V), ("embed", "vocab"))
+  return tree
+
+
+def _is_leaf_spec(x):
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+  """Logical axis names, a pytree parallel to ``init_params``'s (tuples are leaves)."""
+  return jax.tree.map(lambda s: s[1], param_shapes(cfg), is_leaf=_is_leaf_spec)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Random backbone params (normal(0.02) matrices, unit norms, zero biases)."""
+  specs = param_shapes(cfg)
+  flat, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_leaf_spec)
+  keys = jax.random.split(rng, len(flat))
+  leaves = []
+  for key, (path, (shape, _)) in zip(keys, flat):
+    name = path[-1].key
+    if name.endswith("norm"):
+      leaves.append(jnp.ones(shape, cfg.param_dtype))
+    elif name.startswith("b"):
+      leaves.append(jnp.zeros(shape, cfg.param_dtype))
+    else:
+      leaves.append((0.02 * jax.random.normal(key, shape)).astype(cfg.param_dtype))
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def lm_head_weight(cfg: ModelConfig, base: Params) -> jax.Array:
+  """The [D, V] output projection (the transposed embedding when tied)."""
+  return base["embed"].T if cfg.tie_embeddings else base["lm_head"]
+
+
+def project_logits(cfg: ModelConfig, base: Params, hidden: jax.Array) -> jax.Array:
+  w_DxV = lm_head_weight(cfg, base).astype(cfg.compute_dtype)
+  return jnp.einsum("bld,dv->blv", hidden.astype(cfg.compute_dtype), w_DxV,
+                    preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+
+CACHE_AXES = ("batch", "cache_len", "kv_heads", "head_dim")
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> Cache:
+  """An empty fixed-capacity cache: per layer k/v [B, S, K, E] and the valid length per sequence."""
+  dtype = dtype or cfg.compute_dtype
+  shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+  layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+  return {"layers": layers, "index": jnp.zeros((batch,), jnp.int32)}
+
+
+def cache_axes(cfg: ModelConfig) -> dict:
+  layers = [{"k": CACHE_AXES, "v": CACHE_AXES} for _ in range(cfg.num_layers)]
+  return {"layers": layers, "index": ("batch",)}
+
+
+def cache_capacity(cache: Cache) -> int:
+  return cache["layers"][0]["k"].shape[1]
+
+
+def _write_rows(cache_BxSxKxE, new_BxLxKxE, index_B):
+  """Writes each sequence's L new rows at its own offset (rows index[b] .. index[b]+L-1)."""
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(
+      cache_BxSxKxE, new_BxLxKxE.astype(cache_BxSxKxE.dtype), index_B)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+def rms_norm(x, w, eps):
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [E/2] as a NumPy constant, with llama3 scaling when configured."""
+  E = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, E, 2, dtype=np.float64) / E))
+  if cfg.rope_scaling is not None:
+    factor, low_ff, high_ff, orig_max = cfg.rope_scaling
+    low_wavelen, high_wavelen = orig_max / low_ff, orig_max / high_ff
+    wavelen = 2 * math.pi / inv
+    smooth = (orig_max / wavelen - low_ff) / (high_ff - low_ff)
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x_BxLxNxE, positions_BxL, inv_freq):
+  """Rotary embedding in the HF (rotate-half) convention."""
+  angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, E/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_BxLxNxE.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxE.dtype)
+
+
+def _attention(cfg, q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
+  B, L, H, E = q_BxLxHxE.shape
+  K = cfg.num_kv_heads
+  q = q_BxLxHxE.reshape(B, L, K, H // K, E)
+  scores = jnp.einsum("blkge,bske->bkgls", q, k_BxSxKxE, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(E)
+  scores = jnp.where(mask_BxLxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
+  out = jnp.einsum("bkgls,bske->blkge", probs, v_BxSxKxE, preferred_element_type=jnp.float32)
+  return out.reshape(B, L, H, E).astype(q_BxLxHxE.dtype)
+
+
+def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv_freq):
+  dt = cfg.compute_dtype
+  h = rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("bld,dhe->blhe", h, p["wq"].astype(dt))
+  k = jnp.einsum("bld,dke->blke", h, p["wk"].astype(dt))
+  v = jnp.einsum("bld,dke->blke", h, p["wv"].astype(dt))
+  if cfg.qkv_bias:
+    q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+  q = apply_rope(q, positions_BxL, inv_freq)
+  k = apply_rope(k, positions_BxL, inv_freq)
+  if layer_cache is None:  # training / no cache: attend over the L new tokens only.
+    new_cache = None
+    k_all, v_all = k, v
+  else:
+    k_all = _write_rows(layer_cache["k"], k, index_B)
+    v_all = _write_rows(layer_cache["v"], v, index_B)
+    new_cache = {"k": k_all, "v": v_all}
+  attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), mask_BxLxS)
+  x = x_BxLxD + jnp.einsum("blhe,hed->bld", attn, p["wo"].astype(dt))
+  h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+  gate = jnp.einsum("bld,df->blf", h, p["w_gate"].astype(dt))
+  up = jnp.einsum("bld,df->blf", h, p["w_up"].astype(dt))
+  x = x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+  return x, new_cache
+
+
+def forward(cfg: ModelConfig, base: Params, tokens_BxL, positions_BxL, mask, cache: Cache | None = None,
+            *, logits: bool = True):
+  """One forward over L new tokens.
+
+  Args:
+    cfg: architecture.
+    base: backbone params (``params['base']``).
+    tokens_BxL: int token ids.
+    positions_BxL: RoPE positions of the new tokens (a tree node's is prefix length + depth).
+    mask: bool attention mask. With a cache, [B, L, S] over the cache rows *after* the new tokens
+      are written at rows ``cache['index'][b] + l``; without a cache, [B, L, L] over the new tokens.
+    cache: KV cache from ``init_cache`` or None (training). ``index`` is left unchanged: the caller
+      decides how many of the written rows become part of the sequence (see ``advance``).
+    logits: also compute the [B, L, V] logits (prefill skips them and projects only what it needs).
+
+  Returns:
+    (logits [B, L, V] float32 or None, final hidden state [B, L, D] after the final norm, new cache).
+  """
+  inv_freq = rope_inv_freq(cfg)
+  x = base["embed"][tokens_BxL].astype(cfg.compute_dtype)
+  index_B = None if cache is None else cache["index"]
+  new_layers = []
+  for i in range(cfg.num_layers):
+    layer_cache = None if cache is None else cache["layers"][i]
+    x, lc = _layer(cfg, base[f"layers_{i}"], x, positions_BxL, mask, layer_cache, index_B, inv_freq)
+    new_layers.append(lc)
+  hidden = rms_norm(x, base["final_norm"], cfg.norm_eps)
+  out_logits = project_logits(cfg, base, hidden) if logits else None
+  new_cache = None if cache is None else {"layers": new_layers, "index": cache["index"]}
+  return out_logits, hidden, new_cache
+
+
+def advance(cache: Cache, num_B) -> Cache:
+  """Makes the next ``num_B`` written rows of each sequence part of it."""
+  return {**cache, "index": cache["index"] + num_B.astype(jnp.int32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------
+
+def causal_mask(length_B, L: int):
+  """[B, L, L] causal mask for training on right-padded rows (padding attends to nothing new)."""
+  i = jnp.arange(L)
+  m = i[None, :, None] >= i[None, None, :]
+  return m & (i[None, None, :] < length_B[:, None, None])
+
+
+def segment_causal_mask(segment_ids_BxL):
+  """[B, L, L] causal mask restricted to the same segment (packed rows); segment 0 is padding."""
+  L = segment_ids_BxL.shape[1]
+  i = jnp.arange(L)
+  causal = i[:, None] >= i[None, :]
+  same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return causal[None] & same & (segment_ids_BxL[:, None, :] > 0)
+
+
+def cache_causal_mask(index_B, L: int, S: int):
+  """[B, L, S] mask for L consecutive new tokens written at rows index[b] .. index[b]+L-1."""
+  rows = jnp.arange(S)[None, None, :]
+  last = index_B[:, None, None] + jnp.arange(L)[None, :, None]
+  return rows <= last
+
+
+def cache_tree_mask(index_B, tree_mask_NxN, S: int):
+  """[B, N, S] mask for N tree nodes written at rows index[b] .. index[b]+N-1: prefix + ancestors."""
+  N = tree_mask_NxN.shape[0]
+  rows = jnp.arange(S)[None, None, :]
+  rel = rows - index_B[:, None, None]  # row offset relative to the first node
+  prefix = rel < 0
+  in_tree = (rel >= 0) & (rel < N)
+  tm = jnp.asarray(tree_mask_NxN)
+  gathered = jax.vmap(lambda r: tm[:, jnp.clip(r, 0, N - 1)])(rel[:, 0, :])  # [B, N, S]
+  return prefix | (in_tree & gathered)
