@@ -240,3 +240,165 @@ class Decoder:
 def outputs(state: DecodeState) -> list[list[int]]:
   toks, num = np.asarray(state.tokens_BxT), np.asarray(state.num_B)
   return [toks[b, :num[b]].tolist() for b in range(toks.shape[0])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Medusa: candidates from the heads, one tree-verification forward, acceptance, commit
+# ----------------------------------------------------------------------------------------------
+
+ACCEPTANCES = ("greedy", "typical", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaSpec:
+  """Everything static about a Medusa step; hashable, closed over as constants by jit."""
+  heads: Any                 # heads.HeadsConfig
+  tree: Any                  # tree.TreeBuffers
+  acceptance: str = "greedy"  # greedy | typical | sample
+  typical_epsilon: float = 0.09
+  typical_delta: float = 0.3
+
+  def __post_init__(self):
+    if self.acceptance not in ACCEPTANCES:
+      raise ValueError(f"acceptance must be one of {ACCEPTANCES}, got {self.acceptance!r}")
+    if self.tree.depth > self.heads.num_heads:
+      raise ValueError(f"The tree is {self.tree.depth} deep but there are only {self.heads.num_heads} Medusa "
+                       "heads: use a shallower tree or more heads.")
+
+
+def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_Bx1xD):
+  """Each head's top-k tokens at one position, flattened: [B, sum(segment_topk)]."""
+  from medusa_jax import heads as heads_lib  # pylint: disable=g-import-not-at-top
+  logits_BxMxV = heads_lib.logits(spec.heads, cfg, params, hidden_Bx1xD)[:, 0]
+  parts = [jax.lax.top_k(logits_BxMxV[:, m], k)[1] for m, k in enumerate(spec.tree.segment_topk)]
+  return jnp.concatenate(parts, axis=-1).astype(jnp.int32)
+
+
+def _typical_ok(logits_BxCxDxV, tokens_BxCxD, temperature, eps, delta):
+  """Typical acceptance: p(x) > min(eps, delta * exp(-H(p))), p = softmax(logits / T)."""
+  logp = jax.nn.log_softmax(logits_BxCxDxV / temperature, axis=-1)
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  logp_x = jnp.take_along_axis(logp, tokens_BxCxD[..., None], axis=-1)[..., 0]
+  threshold = jnp.minimum(eps, delta * jnp.exp(-entropy))
+  return jnp.exp(logp_x) > threshold, logp_x
+
+
+def _exact_sample_walk(tree, logits_BxNxV, tokens_BxN, rng, temperature):
+  """Lossless tree sampling (DESIGN.md): returns (accepted nodes count, last node, bonus token).
+
+  Walking down from the root, the children of the current node are tried in rank order: child c
+  is accepted with probability p(c); on rejection p(c) is zeroed and p renormalised. If no child is
+  accepted the next token is drawn from what remains of p and the walk stops.
+  """
+  B = tokens_BxN.shape[0]
+  children = jnp.asarray(tree.children)
+  children_valid = jnp.asarray(tree.children_valid)
+  W = children.shape[1]
+  cur = jnp.zeros((B,), jnp.int32)
+  going = jnp.ones((B,), bool)
+  count = jnp.zeros((B,), jnp.int32)
+  bonus = jnp.zeros((B,), jnp.int32)
+  b_idx = jnp.arange(B)
+  for _ in range(tree.depth + 1):
+    p = jax.nn.softmax(logits_BxNxV[b_idx, cur] / temperature, axis=-1)
+    nxt = cur
+    accepted = jnp.zeros((B,), bool)
+    for w in range(W):
+      rng, sub = jax.random.split(rng)
+      child = children[cur, w]
+      live = going & children_valid[cur, w] & ~accepted
+      tok = tokens_BxN[b_idx, child]
+      pc = p[b_idx, tok]
+      acc = live & (jax.random.uniform(sub, (B,), p.dtype) < pc)
+      rej = live & ~acc
+      p_rej = p.at[b_idx, tok].set(0.0)
+      p_rej = p_rej / jnp.maximum(1.0 - pc, jnp.finfo(p.dtype).tiny)[:, None]
+      p = jnp.where(rej[:, None], p_rej, p)
+      nxt = jnp.where(acc, child, nxt)
+      accepted = accepted | acc
+    rng, sub = jax.random.split(rng)
+    stop = going & ~accepted
+    drawn = jax.random.categorical(sub, jnp.log(p), axis=-1).astype(jnp.int32)
+    bonus = jnp.where(stop, drawn, bonus)
+    count = count + (going & accepted).astype(jnp.int32)
+    cur = jnp.where(going, nxt, cur)
+    going = going & accepted
+  return count, cur, bonus
+
+
+def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampling, spec: MedusaSpec
+                ) -> DecodeState:
+  """One Medusa step: verify the candidate tree in one forward, accept a path, commit its K/V."""
+  tree = spec.tree
+  cache = state.cache
+  S = model_lib.cache_capacity(cache)
+  idx = cache["index"]
+  B = idx.shape[0]
+  b_idx = jnp.arange(B)
+  # --- candidates: [root, head1 top-k, head2 top-k, ...] gathered into tree order -------------
+  flat = jnp.concatenate([state.last_B[:, None], state.extra], axis=-1)
+  tokens_BxN = flat[:, jnp.asarray(tree.tree_indices)]
+  positions = idx[:, None] + jnp.asarray(tree.depths)[None, :]
+  mask = model_lib.cache_tree_mask(idx, tree.attn_mask, S)
+  logits_BxNxV, hidden_BxNxD, cache = model_lib.forward(cfg, params["base"], tokens_BxN, positions, mask, cache)
+
+  # --- acceptance ---------------------------------------------------------------------------------
+  paths = jnp.asarray(tree.paths)            # [C, A+1] node ids, root first
+  valid = jnp.asarray(tree.path_valid)[:, 1:]
+  path_tokens = tokens_BxN[:, paths]         # [B, C, A+1]
+  rng, sub = jax.random.split(state.rng)
+  if spec.acceptance == "sample" and sampling.temperature > 0:
+    count, last_node, bonus = _exact_sample_walk(tree, logits_BxNxV, tokens_BxN, sub, sampling.temperature)
+    # The walk's nodes lie on some root-to-leaf path: pick one that passes through last_node.
+    on_path = (paths == last_node[:, None, None]).any(-1)  # [B, C]
+    best = jnp.argmax(on_path, axis=-1)
+  else:
+    parent_logits = logits_BxNxV[:, paths[:, :-1]]  # [B, C, A, V]
+    if spec.acceptance == "typical" and sampling.temperature > 0:
+      ok, logp = _typical_ok(parent_logits, path_tokens[:, :, 1:], sampling.temperature,
+                             spec.typical_epsilon, spec.typical_delta)
+    else:
+      ok = jnp.argmax(parent_logits, axis=-1) == path_tokens[:, :, 1:]
+      logp = jnp.zeros(ok.shape, jnp.float32)
+    run = jnp.cumprod((ok & valid[None]).astype(jnp.int32), axis=-1)  # accepted prefix per path
+    length = run.sum(-1)                                                 # [B, C]
+    # Longest path; ties broken by the larger sum of log p over the accepted tokens.
+    score = jnp.sum(jnp.where(run > 0, logp, 0.0), axis=-1)
+    best_len = length.max(-1, keepdims=True)
+    best = jnp.argmax(jnp.where(length == best_len, score, -jnp.inf), axis=-1)
+    count = jnp.take_along_axis(length, best[:, None], 1)[:, 0]
+    last_node = paths[best, count]
+    last_logits = logits_BxNxV[b_idx, last_node]
+    if spec.acceptance == "typical" and sampling.temperature > 0:
+      bonus = sample_logits(last_logits, sub, sampling)
+    else:
+      bonus = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
+
+  # --- commit: move the accepted path's K/V rows right after the prefix ---------------------------
+  best_nodes = paths[best]                      # [B, A+1]
+  src = idx[:, None] + best_nodes                # rows of the accepted nodes
+  def move(c):
+    rows = jnp.take_along_axis(c, src[:, :, None, None], axis=1)
+    return model_lib._write_rows(c, rows, idx)  # pylint: disable=protected-access
+  layers = [{"k": move(l["k"]), "v": move(l["v"])} for l in cache["layers"]]
+  live = ~state.done_B
+  cache = {"layers": layers, "index": idx + jnp.where(live, count + 1, 0)}
+
+  # --- emit accepted tokens + the backbone's own next token; next candidates from the heads ----
+  A = tree.depth + 1
+  acc_tokens = jnp.take_along_axis(path_tokens, best[:, None, None], 1)[:, 0, 1:]  # [B, A-1]
+  acc_tokens = jnp.concatenate([acc_tokens, jnp.zeros((B, 1), jnp.int32)], axis=-1)
+  new = jnp.where(jnp.arange(A)[None] == count[:, None], bonus[:, None], acc_tokens)
+  last_h = hidden_BxNxD[b_idx, last_node][:, None]
+  extra = head_candidates(spec, cfg, params, last_h)
+  state = state.replace(cache=cache, rng=rng, steps=state.steps + 1, extra=jnp.where(live[:, None], extra, state.extra))
+  return emit(state, new, count + 1, cfg.eos_ids, sampling.max_new_tokens)
+
+
+def make_decoder(cfg: ModelConfig, sampling: Sampling, spec: MedusaSpec | None = None) -> Decoder:
+  """A vanilla decoder, or a Medusa one when ``spec`` is given."""
+  if spec is None:
+    return Decoder(cfg, sampling)
+  return Decoder(cfg, sampling, step_fn=functools.partial(medusa_step, spec=spec), room=spec.tree.num_nodes,
+                 slack=spec.tree.depth + 1,
+                 extra_fn=lambda params, h: head_candidates(spec, cfg, params, h))

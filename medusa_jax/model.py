@@ -135,7 +135,7 @@ def lm_head_weight(cfg: ModelConfig, base: Params) -> jax.Array:
 def project_logits(cfg: ModelConfig, base: Params, hidden: jax.Array) -> jax.Array:
   w_DxV = lm_head_weight(cfg, base).astype(cfg.compute_dtype)
   return jnp.einsum("bld,dv->blv", hidden.astype(cfg.compute_dtype), w_DxV,
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=accum_dtype(cfg.compute_dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,14 +172,20 @@ def _write_rows(cache_BxSxKxE, new_BxLxKxE, index_B):
 # Building blocks
 # ----------------------------------------------------------------------------------------------
 
+def accum_dtype(dtype):
+  """Reductions run in at least float32 (float64 stays float64 for exactness tests)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x, w, eps):
-  x32 = x.astype(jnp.float32)
+  acc = accum_dtype(x.dtype)
+  x32 = x.astype(acc)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * w.astype(jnp.float32)).astype(x.dtype)
+  return (y * w.astype(acc)).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Inverse frequencies [E/2] as a NumPy constant, with llama3 scaling when configured."""
+  """Inverse frequencies [E/2] as a NumPy float64 constant, with llama3 scaling when configured."""
   E = cfg.head_dim
   inv = 1.0 / (cfg.rope_theta ** (np.arange(0, E, 2, dtype=np.float64) / E))
   if cfg.rope_scaling is not None:
@@ -190,15 +196,16 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
     mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
     inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-  return inv.astype(np.float32)
+  return inv
 
 
 def apply_rope(x_BxLxNxE, positions_BxL, inv_freq):
   """Rotary embedding in the HF (rotate-half) convention."""
-  angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, E/2]
+  acc = accum_dtype(x_BxLxNxE.dtype)
+  angles = positions_BxL.astype(acc)[..., None] * inv_freq.astype(acc)  # [B, L, E/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
-  x = x_BxLxNxE.astype(jnp.float32)
+  x = x_BxLxNxE.astype(acc)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxNxE.dtype)
@@ -208,11 +215,12 @@ def _attention(cfg, q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
   B, L, H, E = q_BxLxHxE.shape
   K = cfg.num_kv_heads
   q = q_BxLxHxE.reshape(B, L, K, H // K, E)
-  scores = jnp.einsum("blkge,bske->bkgls", q, k_BxSxKxE, preferred_element_type=jnp.float32)
+  acc = accum_dtype(q.dtype)
+  scores = jnp.einsum("blkge,bske->bkgls", q, k_BxSxKxE, preferred_element_type=acc)
   scores = scores / math.sqrt(E)
-  scores = jnp.where(mask_BxLxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(mask_BxLxS[:, None, None, :, :], scores, jnp.finfo(acc).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
-  out = jnp.einsum("bkgls,bske->blkge", probs, v_BxSxKxE, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bkgls,bske->blkge", probs, v_BxSxKxE, preferred_element_type=acc)
   return out.reshape(B, L, H, E).astype(q_BxLxHxE.dtype)
 
 
