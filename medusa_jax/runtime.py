@@ -1,0 +1,103 @@
+"""Shared set-up for the CLIs and notebooks: config -> (model config, params, tokenizer, heads)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from medusa_jax import config as config_lib
+from medusa_jax import convert
+from medusa_jax import heads as heads_lib
+from medusa_jax.model import ModelConfig
+
+
+@dataclasses.dataclass
+class Loaded:
+  cfg: ModelConfig
+  params: dict           # {'base': ..., 'medusa': ...}
+  tokenizer: Any
+  heads: heads_lib.HeadsConfig
+
+
+def random_heads(hcfg, cfg, base, seed: int = 0, scale: float = 0.02):
+  """Freshly initialised heads with small random residual weights, for correctness checks."""
+  med = heads_lib.init_params(hcfg, cfg, base)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 2)
+  med["w"] = scale * jax.random.normal(keys[0], med["w"].shape, med["w"].dtype)
+  med["b"] = scale * jax.random.normal(keys[1], med["b"].shape, med["b"].dtype)
+  return med
+
+
+def load(config, heads: str | None = None, checkpoint: str | None = None) -> Loaded:
+  """Loads the backbone named by ``config.model`` and Medusa heads from one of three places.
+
+  Args:
+    config: a ConfigDict from ``configs/``.
+    heads: 'random' (fresh random heads), a directory in the original release's format
+      (medusa_lm_head.safetensors + config.json), or None (zero-initialised heads: identity blocks).
+    checkpoint: a params-only export written by training (``--checkpoint DIR``); it holds both
+      the backbone and the heads and takes precedence over ``heads``.
+  """
+  cfg, base, tok = convert.load_model(config.model, **config_lib.model_overrides(config))
+  hcfg = config_lib.heads_config(config)
+  if checkpoint:
+    from medusa_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+    params, hcfg = ckpt.load_export(checkpoint, cfg, base)
+    return Loaded(cfg, params, tok, hcfg)
+  base = jax.tree.map(jnp.asarray, base)
+  if heads == "random":
+    medusa = random_heads(hcfg, cfg, base, config.seed)
+  elif heads:
+    hcfg, medusa = convert.load_medusa_heads(heads, cfg)
+    medusa = jax.tree.map(jnp.asarray, medusa)
+  else:
+    medusa = heads_lib.init_params(hcfg, cfg, base)
+  return Loaded(cfg, {"base": base, "medusa": medusa}, tok, hcfg)
+
+
+def chat_prompt(tokenizer, text: str) -> list[int]:
+  """The first user turn rendered with the tokenizer's chat template, ready for the reply."""
+  ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      return_dict=False)
+  return list(ids)
+
+
+def hardware() -> dict:
+  d = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
+          "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__}
+
+
+def read_jsonl_prompts(path: str, num: int | None = None) -> list[dict]:
+  """MT-Bench-style jsonl: {"question_id", "turns": [first, second, ...]}; the first turn is used."""
+  if path == "mt_bench":
+    path = os.path.join(os.path.dirname(__file__), "evaldata", "mt_bench_questions.jsonl")
+  out = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+        out.append({"question_id": rec.get("question_id", n), "text": rec["turns"][0]})
+      except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path}:{n}: not an MT-Bench-style record with a 'turns' list ({e}).") from None
+      if num and len(out) >= num:
+        break
+  if not out:
+    raise ValueError(f"{path} holds no prompts.")
+  logging.info("Read %d prompts from %s", len(out), path)
+  return out
