@@ -133,7 +133,7 @@ def print_table(results: dict) -> None:
 
 def main(argv):
   del argv
-  cli.quiet_jax_logs()
+  runtime.quiet_jax_logs()
   config = cli.config()
   loaded = runtime.load(config, heads=cli.HEADS.value, checkpoint=cli.CHECKPOINT.value)
   prompts = runtime.read_jsonl_prompts(_PROMPTS.value, _NUM.value)

@@ -35,8 +35,3 @@ def config():
       c.seed = SEED.value
   return c
 
-
-def quiet_jax_logs():
-  """jax logs at INFO that no TPU library was found on every CPU/GPU start; that is not news."""
-  import logging  # pylint: disable=g-import-not-at-top
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -35,6 +35,74 @@ def default_config() -> ConfigDict:
       typical_delta=0.3,
       max_new_tokens=128,
   ))
+
+  # Training data: ShareGPT rendered with the chat template, assistant tokens in the loss.
+  c.data = ConfigDict(dict(
+      source="distilled",     # distilled (self-distillation replies) | sharegpt (the original replies)
+      data_dir="data",        # TFDS datasets are materialised here (git-ignored)
+      max_len=512,            # examples are truncated to this many tokens
+      max_examples=0,         # 0 = all
+      heldout_fraction=0.02,  # by a hash of the conversation id; calibration reads held-out prompts
+      pack=False,
+  ))
+
+  # Self-distillation: the backbone answers ShareGPT first-turn prompts (never MT-Bench).
+  c.distill = ConfigDict(dict(
+      num_prompts=1024,
+      max_prompt_len=256,     # prompts longer than this (in tokens) are skipped
+      max_new_tokens=256,
+      temperature=0.0,        # the paper used 0.3; greedy replies match greedy evaluation
+      batch_size=32,
+  ))
+
+  c.train = ConfigDict(dict(
+      steps=200,
+      batch_size=8,
+      seq_len=512,
+      lr=1e-3,                # the heads' peak learning rate (the original scripts: 1e-3)
+      warmup_frac=0.1,
+      warmup_steps=0,         # >0 overrides warmup_frac
+      weight_decay=0.0,
+      grad_clip=1.0,
+      b1=0.9, b2=0.999,
+      head_decay=0.8,         # loss weight of head k: head_decay**k (the paper's 0.8^k)
+      # Which parameters train, as (regex over 'base/layers_0/wq'-style paths, group or None).
+      # First match wins; None freezes. Medusa-1 vs Medusa-2 differ only here and in lm_weight.
+      trainable=(("medusa/.*", "heads"), ("base/.*", None)),
+      group_lr_mult=(("heads", 1.0), ("backbone", 0.25)),  # Medusa-2: heads 4x the backbone
+      heads_only_steps=0,     # Medusa-2: this many steps train the heads alone first
+      backbone_warmup_steps=40,
+      lm_weight=0.0,          # weight of the backbone's own LM loss (Medusa-2: 1.0)
+      lm_loss="ce",           # ce (next-token) | kl (to the original backbone, for distilled data)
+      lambda0=1.0,            # weight of the heads' loss (Medusa-2: 0.2; 0.01 with KL)
+      lambda0_schedule="constant",  # constant | sine (ramped over lambda0_ramp_steps)
+      lambda0_ramp_steps=0,
+      log_every=10,
+      eval_every=100,
+      eval_batches=4,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+  ))
+
+  # Device mesh: axis sizes (-1 = the rest of the devices) and logical-to-mesh axis rules.
+  c.mesh = ConfigDict(dict(
+      shape=(("data", -1), ("fsdp", 1), ("tensor", 1)),
+      rules=(
+          ("batch", ("data", "fsdp")),
+          ("embed", "fsdp"),
+          ("vocab", "tensor"),
+          ("heads", "tensor"),
+          ("kv_heads", "tensor"),
+          ("mlp", "tensor"),
+          ("head_dim", None),
+          ("norm", None),
+          ("cache_len", None),
+          ("medusa_heads", None),
+          ("medusa_layers", None),
+          ("embed_out", "tensor"),
+      ),
+      distributed_init="auto",  # auto (multi-host TPU/GPU environments) | always | never
+  ))
   return c
 
 

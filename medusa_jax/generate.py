@@ -22,7 +22,7 @@ _PROMPT = flags.DEFINE_string("prompt", None, "The user message to answer.")
 
 def main(argv):
   del argv
-  cli.quiet_jax_logs()
+  runtime.quiet_jax_logs()
   if not _PROMPT.value:
     raise app.UsageError("--prompt is required.")
   config = cli.config()

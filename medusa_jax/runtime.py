@@ -62,6 +62,15 @@ def load(config, heads: str | None = None, checkpoint: str | None = None) -> Loa
   return Loaded(cfg, {"base": base, "medusa": medusa}, tok, hcfg)
 
 
+def quiet_jax_logs():
+  """Library INFO logs off unless ``--verbosity`` is given: Orbax logs every file it writes, and jax
+  that no TPU library was found on every CPU/GPU start."""
+  from absl import flags, logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
 def chat_prompt(tokenizer, text: str) -> list[int]:
   """The first user turn rendered with the tokenizer's chat template, ready for the reply."""
   ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,

@@ -1,0 +1,55 @@
+"""Medusa-1 on SmolLM2-135M-Instruct: frozen backbone, 5 heads trained on self-distilled ShareGPT.
+
+  python -m medusa_jax.distill --config configs/smollm2_medusa1.py
+  python -m medusa_jax.train --config configs/smollm2_medusa1.py --workdir runs/smollm2_medusa1
+  python -m medusa_jax.calibrate --config configs/smollm2_medusa1.py --checkpoint runs/smollm2_medusa1/export \
+      --nodes 0 --out runs/smollm2_medusa1/tree.json
+  python -m medusa_jax.benchmark --config configs/smollm2_medusa1.py --checkpoint runs/smollm2_medusa1/export \
+      --tree runs/smollm2_medusa1/tree.json --modes vanilla,medusa --num_prompts 10 --max_new_tokens 128
+
+Sized for `make demo` on a 2-core CPU (about an hour end to end). Variants:
+``:tiny`` (a 2-layer random model, a few steps: the tests' end-to-end run).
+"""
+
+from medusa_jax import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.default_config()
+  c.decode.mode = "medusa"
+  c.decode.tree = "chain:4"
+  c.data.source = "distilled"
+  c.data.max_len = 384
+  c.distill.num_prompts = 768
+  c.distill.max_prompt_len = 192
+  c.distill.max_new_tokens = 192
+  c.distill.batch_size = 32
+  c.train.steps = 300
+  c.train.batch_size = 8
+  c.train.seq_len = 384
+  c.train.lr = 1e-3
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 50
+  if arg == "tiny":
+    tiny(c)
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r} of {__name__} (known: tiny)")
+  return c
+
+
+def tiny(c):
+  """Shrinks any config to a run the tests finish in seconds."""
+  c.model = "random-tiny"
+  c.data.max_len = 64
+  c.distill.num_prompts = 8
+  c.distill.max_prompt_len = 48
+  c.distill.max_new_tokens = 8
+  c.distill.batch_size = 16
+  c.train.steps = 6
+  c.train.batch_size = 2
+  c.train.seq_len = 64
+  c.train.log_every = 2
+  c.train.eval_every = 3
+  c.train.eval_batches = 1
+  c.train.checkpoint_every = 2
+  c.decode.max_new_tokens = 8

@@ -1,0 +1,353 @@
+"""Medusa-1 / Medusa-2 training: one jitted step over the one params pytree ``{base, medusa}``.
+
+Which parameters train is configuration: ``config.train.trainable`` maps regexes over parameter
+paths (``base/layers_0/wq``, ``medusa/w``) to an optimizer group or None (frozen). Only the trainable
+part is differentiated and updated — frozen leaves are never touched, so Medusa-1 leaves ``base``
+bit-identical and never runs the backbone's backward pass. Medusa-2 adds a ``backbone`` group (a
+learning rate ``group_lr_mult`` times the heads'), the LM loss, and a heads-only first stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medusa_jax import checkpoint as ckpt_lib
+from medusa_jax import config as config_lib
+from medusa_jax import heads as heads_lib
+from medusa_jax import loss as loss_lib
+from medusa_jax import model as model_lib
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter partition by regex
+# ----------------------------------------------------------------------------------------------
+
+def path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def labels(params, rules) -> dict:
+  """{path: group or None} for every leaf; the first matching regex wins, unmatched is an error."""
+  out = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    p = path_str(path)
+    for rx, group in rules:
+      if re.fullmatch(rx, p):
+        out[p] = group
+        break
+    else:
+      raise ValueError(f"No rule in config.train.trainable matches parameter {p!r}; add one "
+                       "(use None to freeze).")
+  return out
+
+
+def partition(params, label_map: dict):
+  """Splits params into (trainable, frozen) nested dicts holding only their own leaves."""
+  trainable, frozen = {}, {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    p = path_str(path)
+    dst = trainable if label_map[p] is not None else frozen
+    keys = p.split("/")
+    for k in keys[:-1]:
+      dst = dst.setdefault(k, {})
+    dst[keys[-1]] = leaf
+  return trainable, frozen
+
+
+def merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------
+
+def schedules(tc, total: int) -> dict[str, Callable]:
+  """Per-group learning-rate schedules: warm-up + cosine; the backbone starts after the heads-only stage."""
+  warm = tc.warmup_steps or max(1, int(tc.warmup_frac * total))
+  mult = dict(tc.group_lr_mult)
+  heads = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warm, max(total, warm + 1), 0.0)
+  out = {"heads": heads}
+  start = tc.heads_only_steps
+  bb_peak = tc.lr * mult.get("backbone", 1.0)
+  bb = optax.warmup_cosine_decay_schedule(0.0, bb_peak, tc.backbone_warmup_steps,
+                                          max(total - start, tc.backbone_warmup_steps + 1), 0.0)
+  out["backbone"] = lambda s: jnp.where(s < start, 0.0, bb(jnp.maximum(s - start, 0)))
+  for g, m in mult.items():
+    if g not in out:
+      out[g] = lambda s, m=m: heads(s) * m
+  return out
+
+
+def make_optimizer(tc, trainable_labels: dict, total: int):
+  groups = sorted({g for g in trainable_labels.values() if g is not None})
+  sched = schedules(tc, total)
+  unknown = [g for g in groups if g not in sched]
+  if unknown:
+    raise ValueError(f"Optimizer groups {unknown} have no schedule; known: {sorted(sched)}")
+  txs = {g: optax.adamw(sched[g], b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay) for g in groups}
+
+  def label_fn(tparams):
+    return jax.tree_util.tree_map_with_path(lambda p, _: trainable_labels[path_str(p)], tparams)
+
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip), optax.multi_transform(txs, label_fn)), sched
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static part of a train step (hashable)."""
+  model: model_lib.ModelConfig
+  heads: heads_lib.HeadsConfig
+  head_decay: float
+  lm_weight: float
+  lm_loss: str
+  lambda0: float
+  lambda0_schedule: str
+  lambda0_ramp_steps: int
+
+
+def lambda0_at(sc: StepConfig, step):
+  if sc.lambda0_schedule == "sine" and sc.lambda0_ramp_steps > 0:
+    return sc.lambda0 * jnp.sin(0.5 * jnp.pi * jnp.minimum(1.0, step / sc.lambda0_ramp_steps))
+  return jnp.asarray(sc.lambda0, jnp.float32)
+
+
+def loss_fn(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
+  params = merge(frozen, tparams)
+  cfg = sc.model
+  mask = model_lib.segment_causal_mask(batch["segment_ids"])
+  _, hidden, _ = model_lib.forward(cfg, params["base"], batch["tokens"], batch["positions"], mask, None,
+                                   logits=False)
+  h_loss, metrics = loss_lib.heads_loss(sc.heads, cfg, params, hidden, batch, sc.head_decay)
+  lam = lambda0_at(sc, step)
+  total = lam * h_loss
+  metrics["heads_loss"] = h_loss
+  if sc.lm_weight > 0:
+    teacher = None
+    if sc.lm_loss == "kl":
+      _, t_hidden, _ = model_lib.forward(cfg, teacher_base, batch["tokens"], batch["positions"], mask, None,
+                                         logits=False)
+      teacher = jax.lax.stop_gradient(model_lib.project_logits(cfg, teacher_base, t_hidden))
+    lm, lm_metrics = loss_lib.lm_loss(cfg, params["base"], hidden, batch, teacher)
+    total = total + sc.lm_weight * lm
+    metrics.update(lm_metrics)
+  metrics["lambda0"] = lam
+  metrics["loss"] = total
+  return total, metrics
+
+
+def train_step(sc: StepConfig, tx, tparams, opt_state, frozen, batch, step, teacher_base=None):
+  grads, metrics = jax.grad(functools.partial(loss_fn, sc), has_aux=True)(
+      tparams, frozen, batch, step, teacher_base)
+  updates, opt_state = tx.update(grads, opt_state, tparams)
+  tparams = optax.apply_updates(tparams, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return tparams, opt_state, metrics
+
+
+def eval_step(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
+  return loss_fn(sc, tparams, frozen, batch, step, teacher_base)[1]
+
+
+def step_config(config, cfg, hcfg) -> StepConfig:
+  tc = config.train
+  if tc.lm_loss not in ("ce", "kl"):
+    raise ValueError(f"config.train.lm_loss must be 'ce' or 'kl', got {tc.lm_loss!r}")
+  return StepConfig(model=cfg, heads=hcfg, head_decay=float(tc.head_decay), lm_weight=float(tc.lm_weight),
+                    lm_loss=tc.lm_loss, lambda0=float(tc.lambda0), lambda0_schedule=tc.lambda0_schedule,
+                    lambda0_ramp_steps=int(tc.lambda0_ramp_steps))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def dataset_name(config) -> str:
+  """The TFDS dataset a config trains on (built by medusa_jax.distill or from ShareGPT)."""
+  if config.data.source == "distilled":
+    from medusa_jax import distill  # pylint: disable=g-import-not-at-top
+    return distill.dataset_name(config)
+  if config.data.source == "sharegpt":
+    n = config.data.max_examples
+    return f"sharegpt_l{config.data.max_len}" + (f"_n{n}" if n else "")
+  raise ValueError(f"config.data.source must be 'distilled' or 'sharegpt', got {config.data.source!r}")
+
+
+def _data_sources(config, tokenizer):
+  from medusa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  name = dataset_name(config)
+  d = config.data
+  if d.source == "sharegpt" and jax.process_index() == 0:
+    data_lib.prepare_sharegpt(d.data_dir, tokenizer, max_len=d.max_len, max_examples=d.max_examples or None,
+                              heldout_fraction=d.heldout_fraction, name=name)
+  try:
+    train = data_lib.load_split(d.data_dir, name, "train")
+  except Exception as e:  # pylint: disable=broad-except
+    raise FileNotFoundError(
+        f"Training data {name!r} not found under {d.data_dir} ({type(e).__name__}). For "
+        "data.source='distilled' run `python -m medusa_jax.distill --config <same config>` first.") from None
+  try:
+    heldout = data_lib.load_split(d.data_dir, name, "heldout")
+  except Exception:  # pylint: disable=broad-except
+    heldout = None
+  return data_lib, train, heldout
+
+
+class _Writer:
+  """Metrics to stdout (every log step) and to TensorBoard event files."""
+
+  def __init__(self, workdir):
+    self.tb = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: dict, prefix: str = "train"):
+    if self.tb is None:
+      return
+    for k, v in metrics.items():
+      self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+    self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def say(msg: str) -> None:
+  """Progress lines on stdout (host 0), above the progress bar. Library INFO logs (Orbax logs every
+  file it writes) stay off unless --verbosity asks for them."""
+  if jax.process_index() == 0:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    tqdm.write(msg)
+
+
+def _summary(metrics: dict, keys=("loss", "heads_loss", "head1/top1", "head2/top1", "head3/top1",
+                                  "lm/loss", "lm/kl", "grad_norm")) -> str:
+  return " ".join(f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics)
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
+  """Trains heads (and, for Medusa-2, the backbone) and exports params for decoding.
+
+  Resumes from the newest checkpoint in ``workdir``. ``stop_after`` ends the run early after that
+  many steps of this invocation without the final export (used by tests to simulate a kill).
+  Returns the last train and eval metrics.
+  """
+  from medusa_jax import runtime  # pylint: disable=g-import-not-at-top
+  from medusa_jax import sharding  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  tc = config.train
+  sharding.maybe_initialize_distributed(config)
+  loaded = runtime.load(config)
+  cfg, hcfg = loaded.cfg, loaded.heads
+  params = loaded.params
+  label_map = labels(params, tc.trainable)
+  tparams, frozen = partition(params, label_map)
+  if not tparams:
+    raise ValueError("config.train.trainable freezes every parameter: nothing to train.")
+  tx, sched = make_optimizer(tc, {k: v for k, v in label_map.items() if v is not None}, tc.steps)
+  sc = step_config(config, cfg, hcfg)
+  teacher = None
+  if sc.lm_weight > 0 and sc.lm_loss == "kl":
+    teacher = jax.tree.map(jnp.copy, params["base"])  # the original backbone, frozen
+
+  mesh = sharding.make_mesh(config)
+  placement = sharding.TrainPlacement(config, mesh, cfg, hcfg, tparams, frozen)
+  tparams, frozen = placement.put(tparams, frozen)
+  teacher = placement.put_frozen_like(teacher) if teacher is not None else None
+  opt_state = jax.jit(tx.init, out_shardings=placement.opt_shardings(tx))(tparams)
+  step_fn = jax.jit(functools.partial(train_step, sc, tx), donate_argnums=(0, 1),
+                    in_shardings=placement.step_in_shardings(tx, teacher is not None),
+                    out_shardings=placement.step_out_shardings(tx))
+  eval_fn = jax.jit(functools.partial(eval_step, sc))
+
+  data_lib, train_src, heldout_src = _data_sources(config, loaded.tokenizer)
+  per_host = tc.batch_size // jax.process_count()
+  loader = data_lib.make_loader(train_src, batch_size=per_host, seq_len=tc.seq_len, seed=config.seed,
+                                shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                pack=config.data.pack)
+  it = iter(loader)
+
+  trainable_rules = [[rx, g] for rx, g in tc.trainable]
+  ckpts = ckpt_lib.TrainCheckpoints(workdir, every=tc.checkpoint_every, keep=tc.keep_checkpoints, meta={
+      "cfg": cfg, "trainable": trainable_rules, "heads": dataclasses.asdict(hcfg), "model": config.model})
+  start = 0
+  latest = ckpts.latest_step()
+  if latest is not None:
+    state, data_state = ckpts.restore(latest, {"params": tparams, "opt_state": opt_state})
+    tparams, opt_state = state["params"], state["opt_state"]
+    if data_state:
+      it.set_state(data_state)
+    start = latest
+    say(f"Resumed from step {latest} in {ckpts.dir}")
+
+  writer = _Writer(workdir)
+  last_train, last_eval = {}, {}
+
+  def evaluate(step):
+    if heldout_src is None or not tc.eval_batches:
+      return {}
+    ev = data_lib.make_loader(heldout_src, batch_size=per_host, seq_len=tc.seq_len, seed=0, shuffle=False,
+                              num_epochs=1, shard_index=jax.process_index(), shard_count=jax.process_count(),
+                              pack=config.data.pack)
+    acc, n = {}, 0
+    for i, b in enumerate(ev):
+      if i >= tc.eval_batches:
+        break
+      m = eval_fn(tparams, frozen, placement.put_batch(b), jnp.asarray(step), teacher)
+      for k, v in m.items():
+        acc[k] = acc.get(k, 0.0) + float(v)
+      n += 1
+    return {k: v / max(n, 1) for k, v in acc.items()}
+
+  end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+  bar = tqdm(range(start, end), initial=start, total=tc.steps, desc="train", unit="step",
+             disable=jax.process_index() != 0)
+  t0 = time.perf_counter()
+  for step in bar:
+    batch = placement.put_batch(next(it))
+    tparams, opt_state, metrics = step_fn(tparams, opt_state, frozen, batch, jnp.asarray(step), teacher)
+    done = step + 1
+    if done % tc.log_every == 0 or done == end:
+      metrics = {k: float(v) for k, v in metrics.items()}
+      metrics.update({f"lr/{g}": float(s(step)) for g, s in sched.items()
+                      if g in set(label_map.values())})
+      metrics["steps_per_s"] = (done - start) / (time.perf_counter() - t0)
+      writer.write(done, metrics)
+      last_train = metrics
+      bar.set_postfix_str(_summary(metrics, ("loss", "head1/top1")))
+      say(f"step {done}: {_summary(metrics)}")
+    if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+      last_eval = evaluate(done)
+      if last_eval:
+        writer.write(done, last_eval, "eval")
+        say(f"eval step {done}: {_summary(last_eval)}")
+    ckpts.save(done, {"params": tparams, "opt_state": opt_state}, it.get_state(), force=done == tc.steps)
+  bar.close()
+  if end == tc.steps:
+    params = merge(frozen, tparams)
+    include_base = any(g is not None for p, g in label_map.items() if p.startswith("base/"))
+    ckpt_lib.save_export(os.path.join(workdir, "export"), cfg, hcfg, params, include_base=include_base,
+                         model=config.model)
+    say(f"Exported params for decoding to {os.path.join(workdir, 'export')}")
+  ckpts.close()
+  writer.close()
+  return {"train": last_train, "eval": last_eval, "step": end}
