@@ -68,7 +68,10 @@ def plan_cache(cfg: ModelConfig, prompt_lengths, max_new_tokens: int, step_token
     raise PromptTooLongError(
         f"The prompt has {longest} tokens; with max_new_tokens={max_new_tokens} it needs {need} positions "
         f"but the model's context is {cfg.max_seq_len}. Shorten the prompt or lower --max_new_tokens.")
-  return bucket(longest), min(bucket(need, 128), bucket(cfg.max_seq_len, 1))
+  capacity = min(bucket(need, 128), cfg.max_seq_len)
+  # The padded prompt is written into the cache whole, so it may not outgrow it (a context that is
+  # not a multiple of 64 caps the capacity below the prompt's bucket).
+  return min(bucket(longest), capacity), capacity
 
 
 def pad_prompts(prompts: list[list[int]], length: int, pad_id: int = 0):
@@ -257,6 +260,10 @@ class MedusaSpec:
   acceptance: str = "greedy"  # greedy | typical | sample
   typical_epsilon: float = 0.09
   typical_delta: float = 0.3
+  # Test hook, keep True: False makes lossless sampling wrong on purpose (a rejected candidate's mass
+  # is not removed, so siblings and the bonus token are drawn from the original p instead of the
+  # residual) so that the statistical test can show it detects a broken rule.
+  exact_renormalise: bool = True
 
   def __post_init__(self):
     if self.acceptance not in ACCEPTANCES:
@@ -283,12 +290,13 @@ def _typical_ok(logits_BxCxDxV, tokens_BxCxD, temperature, eps, delta):
   return jnp.exp(logp_x) > threshold, logp_x
 
 
-def _exact_sample_walk(tree, logits_BxNxV, tokens_BxN, rng, temperature):
+def _exact_sample_walk(tree, logits_BxNxV, tokens_BxN, rng, temperature, renormalise: bool = True):
   """Lossless tree sampling (DESIGN.md): returns (accepted nodes count, last node, bonus token).
 
   Walking down from the root, the children of the current node are tried in rank order: child c
   is accepted with probability p(c); on rejection p(c) is zeroed and p renormalised. If no child is
-  accepted the next token is drawn from what remains of p and the walk stops.
+  accepted the next token is drawn from what remains of p and the walk stops. ``renormalise=False``
+  skips the residual update (a deliberately wrong rule, see ``MedusaSpec.exact_renormalise``).
   """
   B = tokens_BxN.shape[0]
   children = jnp.asarray(tree.children)
@@ -313,7 +321,8 @@ def _exact_sample_walk(tree, logits_BxNxV, tokens_BxN, rng, temperature):
       rej = live & ~acc
       p_rej = p.at[b_idx, tok].set(0.0)
       p_rej = p_rej / jnp.maximum(1.0 - pc, jnp.finfo(p.dtype).tiny)[:, None]
-      p = jnp.where(rej[:, None], p_rej, p)
+      if renormalise:
+        p = jnp.where(rej[:, None], p_rej, p)
       nxt = jnp.where(acc, child, nxt)
       accepted = accepted | acc
     rng, sub = jax.random.split(rng)
@@ -348,7 +357,8 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
   path_tokens = tokens_BxN[:, paths]         # [B, C, A+1]
   rng, sub = jax.random.split(state.rng)
   if spec.acceptance == "sample" and sampling.temperature > 0:
-    count, last_node, bonus = _exact_sample_walk(tree, logits_BxNxV, tokens_BxN, sub, sampling.temperature)
+    count, last_node, bonus = _exact_sample_walk(tree, logits_BxNxV, tokens_BxN, sub, sampling.temperature,
+                                                 spec.exact_renormalise)
     # The walk's nodes lie on some root-to-leaf path: pick one that passes through last_node.
     on_path = (paths == last_node[:, None, None]).any(-1)  # [B, C]
     best = jnp.argmax(on_path, axis=-1)
@@ -361,7 +371,7 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
       ok = jnp.argmax(parent_logits, axis=-1) == path_tokens[:, :, 1:]
       logp = jnp.zeros(ok.shape, jnp.float32)
     run = jnp.cumprod((ok & valid[None]).astype(jnp.int32), axis=-1)  # accepted prefix per path
-    length = run.sum(-1)                                                 # [B, C]
+    length = run.sum(-1, dtype=jnp.int32)  # [B, C]; int32 like the cache index, also under x64
     # Longest path; ties broken by the larger sum of log p over the accepted tokens.
     score = jnp.sum(jnp.where(run > 0, logp, 0.0), axis=-1)
     best_len = length.max(-1, keepdims=True)
