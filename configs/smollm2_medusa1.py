@@ -16,6 +16,11 @@ from medusa_jax import config as config_lib
 
 def get_config(arg=None):
   c = config_lib.default_config()
+  # 4 heads (CPU trees are at most ~4 deep) proposing from the 8192 most frequent reply tokens:
+  # the heads' LM projection is the largest cost of training them on a CPU.
+  c.heads.num_heads = 4
+  c.heads.draft_vocab = 8192
+  c.train.remat_heads = False
   c.decode.mode = "medusa"
   c.decode.tree = "chain:4"
   c.data.source = "distilled"

@@ -27,7 +27,7 @@ def get_config(arg=None):
   m1 = _medusa1()
   c = m1.get_config()
   # Medusa-2 differs from Medusa-1 only here.
-  c.train.trainable = (("medusa/.*", "heads"), ("base/.*", "backbone"))
+  c.train.trainable = (("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("base/.*", "backbone"))
   c.train.group_lr_mult = (("heads", 1.0), ("backbone", 0.25))  # 2e-3 vs 5e-4 in the paper: 4x
   c.train.lr = 2e-3
   c.train.heads_only_steps = 150

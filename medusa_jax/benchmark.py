@@ -29,7 +29,8 @@ from medusa_jax import config as config_lib
 from medusa_jax import decode, model, runtime
 
 _PROMPTS = flags.DEFINE_string("prompts", "mt_bench", "MT-Bench-style jsonl ('mt_bench' = the 80 bundled "
-                               "MT-Bench questions; first turns are used).")
+                               "MT-Bench questions; first turns are used), or 'sharegpt_heldout': held-out "
+                               "ShareGPT first turns that neither training nor calibration reads.")
 _NUM = flags.DEFINE_integer("num_prompts", 10, "How many prompts from the start of the file.")
 _MODES = flags.DEFINE_list("modes", ["vanilla"], "Comma-separated: vanilla, medusa.")
 _OUT = flags.DEFINE_string("out", None, "Write the results JSON here.")
@@ -136,7 +137,12 @@ def main(argv):
   runtime.quiet_jax_logs()
   config = cli.config()
   loaded = runtime.load(config, heads=cli.HEADS.value, checkpoint=cli.CHECKPOINT.value)
-  prompts = runtime.read_jsonl_prompts(_PROMPTS.value, _NUM.value)
+  if _PROMPTS.value == "sharegpt_heldout":
+    from medusa_jax import distill  # pylint: disable=g-import-not-at-top
+    prompts = [{"question_id": p.id, "text": p.text}
+               for p in distill.heldout_eval_prompts(config, loaded.tokenizer, _NUM.value)]
+  else:
+    prompts = runtime.read_jsonl_prompts(_PROMPTS.value, _NUM.value)
   results = run(config, prompts, _MODES.value, loaded, _BATCH.value)
   print_table(results)
   if _OUT.value:

@@ -23,7 +23,9 @@ def default_config() -> ConfigDict:
   c.dtype = "float32"  # fp32 on CPU (bf16 matmuls are ~8x slower on XLA-CPU); bfloat16 on GPU/TPU.
   c.seed = 0
 
-  c.heads = ConfigDict(dict(num_heads=5, num_layers=1, shared_lm_head=True))
+  # draft_vocab > 0: heads propose only the N most frequent training tokens (exact verification
+  # is unchanged; their LM projection shrinks V/N times, for training and for decoding).
+  c.heads = ConfigDict(dict(num_heads=5, num_layers=1, shared_lm_head=True, draft_vocab=0))
 
   c.decode = ConfigDict(dict(
       mode="vanilla",          # vanilla | medusa
@@ -49,6 +51,7 @@ def default_config() -> ConfigDict:
   # Self-distillation: the backbone answers ShareGPT first-turn prompts (never MT-Bench).
   c.distill = ConfigDict(dict(
       num_prompts=1024,
+      num_eval_prompts=32,    # held-out prompts answered too, for the eval loss only
       max_prompt_len=256,     # prompts longer than this (in tokens) are skipped
       max_new_tokens=256,
       temperature=0.0,        # the paper used 0.3; greedy replies match greedy evaluation
@@ -66,9 +69,10 @@ def default_config() -> ConfigDict:
       grad_clip=1.0,
       b1=0.9, b2=0.999,
       head_decay=0.8,         # loss weight of head k: head_decay**k (the paper's 0.8^k)
+      remat_heads=True,       # recompute each head's [B, L, V] logits in the backward pass (memory)
       # Which parameters train, as (regex over 'base/layers_0/wq'-style paths, group or None).
       # First match wins; None freezes. Medusa-1 vs Medusa-2 differ only here and in lm_weight.
-      trainable=(("medusa/.*", "heads"), ("base/.*", None)),
+      trainable=(("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("base/.*", None)),
       group_lr_mult=(("heads", 1.0), ("backbone", 0.25)),  # Medusa-2: heads 4x the backbone
       heads_only_steps=0,     # Medusa-2: this many steps train the heads alone first
       backbone_warmup_steps=40,

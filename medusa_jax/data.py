@@ -361,6 +361,16 @@ def _heldout_score(conversation_id: str) -> float:
   return int.from_bytes(hashlib.sha256(stem.encode('utf-8')).digest()[:8], 'big') / 2.0**64
 
 
+def is_heldout(conversation_id: str, heldout_fraction: float) -> bool:
+  """Whether ``build_dataset`` puts this conversation in the heldout split (by its id alone).
+
+  Distillation answers only train-split prompts and calibration reads only heldout ones, so the
+  heads are never tuned on the prompts they are calibrated or evaluated on. (A tiny build with an
+  empty heldout split still borrows one train example; see ``MedusaChat._render_all``.)
+  """
+  return _heldout_score(str(conversation_id)) < heldout_fraction
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
   """A short hash of what decides the tokens: vocabulary, chat template and end token.
 

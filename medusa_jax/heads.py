@@ -31,6 +31,10 @@ class HeadsConfig:
   num_heads: int = 5
   num_layers: int = 1
   shared_lm_head: bool = True  # the right default for small models: SmolLM2's LM head is 28M of 135M
+  # >0: the heads propose only these many tokens, the most frequent in the training targets
+  # (``vocab_ids``). Verification stays exact, so greedy output is unchanged; what shrinks is the
+  # heads' LM projection, the largest cost of training them and of a small tree's step on a CPU.
+  draft_vocab: int = 0
 
 
 def param_axes(hcfg: HeadsConfig) -> dict:
@@ -38,6 +42,8 @@ def param_axes(hcfg: HeadsConfig) -> dict:
           "b": ("medusa_heads", "medusa_layers", "embed_out")}
   if not hcfg.shared_lm_head:
     axes["lm_head"] = ("medusa_heads", "embed", "vocab")
+  if hcfg.draft_vocab:
+    axes["vocab_ids"] = ("draft_vocab",)
   return axes
 
 
@@ -50,7 +56,24 @@ def init_params(hcfg: HeadsConfig, cfg: ModelConfig, base=None) -> dict:
       raise ValueError("Per-head LM heads are initialised from the backbone's: pass its params.")
     w = model_lib.lm_head_weight(cfg, base)
     p["lm_head"] = jnp.broadcast_to(w[None], (M,) + w.shape).astype(cfg.param_dtype)
+  if hcfg.draft_vocab:
+    if hcfg.draft_vocab > cfg.vocab_size:
+      raise ValueError(f"draft_vocab={hcfg.draft_vocab} exceeds the vocabulary ({cfg.vocab_size}).")
+    p["vocab_ids"] = jnp.arange(hcfg.draft_vocab, dtype=jnp.int32)  # replaced by set_draft_vocab
   return p
+
+
+def draft_vocab_from_counts(hcfg: HeadsConfig, counts_V) -> jax.Array:
+  """The ``draft_vocab`` most frequent token ids (ties by id), sorted by id."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  counts = np.asarray(counts_V)
+  order = np.lexsort((np.arange(len(counts)), -counts))[:hcfg.draft_vocab]
+  return jnp.asarray(np.sort(order).astype(np.int32))
+
+
+def per_head(medusa: dict, m: int) -> dict:
+  """Head m's own params (keeping a leading axis of 1); the shared ``vocab_ids`` stay whole."""
+  return {k: (v if k == "vocab_ids" else v[m:m + 1]) for k, v in medusa.items()}
 
 
 def head_states(hcfg: HeadsConfig, cfg: ModelConfig, medusa, hidden_BxLxD):
@@ -64,12 +87,33 @@ def head_states(hcfg: HeadsConfig, cfg: ModelConfig, medusa, hidden_BxLxD):
   return x
 
 
-def logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD):
-  """Head logits [B, L, M, V] (float32) from the backbone's final hidden state."""
+def subset_logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD):
+  """Head logits over the draft vocabulary [B, L, M, V'] (V' = V without one), float32."""
   x = head_states(hcfg, cfg, params["medusa"], hidden_BxLxD)
   dt = cfg.compute_dtype
   acc = jnp.promote_types(dt, jnp.float32)
+  ids = params["medusa"].get("vocab_ids") if hcfg.draft_vocab else None
   if hcfg.shared_lm_head:
-    w = model_lib.lm_head_weight(cfg, params["base"]).astype(dt)
+    w = model_lib.lm_head_weight(cfg, params["base"])
+    w = (w if ids is None else jnp.take(w, ids, axis=1)).astype(dt)
     return jnp.einsum("blmd,dv->blmv", x, w, preferred_element_type=acc)
-  return jnp.einsum("blmd,mdv->blmv", x, params["medusa"]["lm_head"].astype(dt), preferred_element_type=acc)
+  w = params["medusa"]["lm_head"]
+  w = (w if ids is None else jnp.take(w, ids, axis=2)).astype(dt)
+  return jnp.einsum("blmd,mdv->blmv", x, w, preferred_element_type=acc)
+
+
+def logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD):
+  """Head logits [B, L, M, V] (float32); tokens outside the draft vocabulary get -inf."""
+  sub = subset_logits(hcfg, cfg, params, hidden_BxLxD)
+  if not hcfg.draft_vocab:
+    return sub
+  full = jnp.full(sub.shape[:-1] + (cfg.vocab_size,), -jnp.inf, sub.dtype)
+  return full.at[..., params["medusa"]["vocab_ids"]].set(sub)
+
+
+def subset_index(hcfg: HeadsConfig, cfg: ModelConfig, params):
+  """[V] int32: each token's index in the draft vocabulary, -1 outside it (identity without one)."""
+  if not hcfg.draft_vocab:
+    return jnp.arange(cfg.vocab_size, dtype=jnp.int32)
+  ids = params["medusa"]["vocab_ids"]
+  return jnp.full((cfg.vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))

@@ -7,6 +7,8 @@ Shapes: B batch, L length, D model, M heads, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -36,29 +38,36 @@ def _masked_mean(x, ok):
 
 
 def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, hidden_BxLxD, batch,
-               decay: float, topk: int = 5):
+               decay: float, topk: int = 5, remat: bool = True):
   """Σ_m decay^m · CE_m and per-head metrics (loss, top-1..topk accuracy).
 
-  The heads run one at a time under ``jax.checkpoint`` so only one [B, L, V] logits tensor is live:
-  all M at once would be M × B × L × V floats (GBs for a 49k vocabulary).
+  The heads run one at a time; with ``remat`` each under ``jax.checkpoint`` so only one [B, L, V]
+  logits tensor is live in the backward pass (all M would be M × B × L × V floats, GBs for a large
+  batch), at the price of recomputing each head's projection. With a draft vocabulary
+  (``HeadsConfig.draft_vocab``) V is that smaller set.
   """
   M = hcfg.num_heads
   med = params["medusa"]
-  single = heads_lib.HeadsConfig(num_heads=1, num_layers=hcfg.num_layers, shared_lm_head=hcfg.shared_lm_head)
+  single = dataclasses.replace(hcfg, num_heads=1)
+  index_V = heads_lib.subset_index(hcfg, cfg, params)
 
-  @jax.checkpoint
   def one_head(p_m, tgt, ok):
-    logits = heads_lib.logits(single, cfg, {"base": params["base"], "medusa": p_m}, hidden_BxLxD)[:, :, 0]
-    ce, rank = _ce_and_rank(logits, tgt)
+    logits = heads_lib.subset_logits(single, cfg, {"base": params["base"], "medusa": p_m}, hidden_BxLxD)
+    ce, rank = _ce_and_rank(logits[:, :, 0], tgt)
     return _masked_mean(ce, ok), jnp.stack([_masked_mean((rank < k).astype(jnp.float32), ok)
                                             for k in range(1, topk + 1)])
 
+  if remat:
+    one_head = jax.checkpoint(one_head)
   total = 0.0
   metrics = {}
   for m in range(M):
-    p_m = jax.tree.map(lambda x: x[m:m + 1], med)
     tgt, ok = shifted_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"], m + 2)
-    ce, acc = one_head(p_m, tgt, ok)
+    # With a draft vocabulary, targets outside it cannot be proposed: they are left out of the loss
+    # (and the accuracies are over the targets inside it).
+    sub_tgt = index_V[tgt]
+    ok = ok & (sub_tgt >= 0)
+    ce, acc = one_head(heads_lib.per_head(med, m), jnp.maximum(sub_tgt, 0), ok)
     total = total + decay ** (m + 1) * ce
     metrics[f"head{m + 1}/loss"] = ce
     for k in range(topk):

@@ -121,6 +121,7 @@ class StepConfig:
   lambda0: float
   lambda0_schedule: str
   lambda0_ramp_steps: int
+  remat_heads: bool = True
 
 
 def lambda0_at(sc: StepConfig, step):
@@ -135,7 +136,8 @@ def loss_fn(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
   mask = model_lib.segment_causal_mask(batch["segment_ids"])
   _, hidden, _ = model_lib.forward(cfg, params["base"], batch["tokens"], batch["positions"], mask, None,
                                    logits=False)
-  h_loss, metrics = loss_lib.heads_loss(sc.heads, cfg, params, hidden, batch, sc.head_decay)
+  h_loss, metrics = loss_lib.heads_loss(sc.heads, cfg, params, hidden, batch, sc.head_decay,
+                                        remat=sc.remat_heads)
   lam = lambda0_at(sc, step)
   total = lam * h_loss
   metrics["heads_loss"] = h_loss
@@ -172,7 +174,7 @@ def step_config(config, cfg, hcfg) -> StepConfig:
     raise ValueError(f"config.train.lm_loss must be 'ce' or 'kl', got {tc.lm_loss!r}")
   return StepConfig(model=cfg, heads=hcfg, head_decay=float(tc.head_decay), lm_weight=float(tc.lm_weight),
                     lm_loss=tc.lm_loss, lambda0=float(tc.lambda0), lambda0_schedule=tc.lambda0_schedule,
-                    lambda0_ramp_steps=int(tc.lambda0_ramp_steps))
+                    lambda0_ramp_steps=int(tc.lambda0_ramp_steps), remat_heads=bool(tc.remat_heads))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,6 +212,15 @@ def _data_sources(config, tokenizer):
   return data_lib, train, heldout
 
 
+def target_counts(source, vocab_size: int, max_examples: int = 20000):
+  """How often each token is an assistant (loss) target in the first examples of a split."""
+  counts = np.zeros(vocab_size, np.int64)
+  for i in range(min(len(source), max_examples)):
+    ex = source[i]
+    counts += np.bincount(np.asarray(ex["tokens"])[np.asarray(ex["loss_mask"]) > 0], minlength=vocab_size)
+  return counts
+
+
 class _Writer:
   """Metrics to stdout (every log step) and to TensorBoard event files."""
 
@@ -240,7 +251,7 @@ def say(msg: str) -> None:
 
 
 def _summary(metrics: dict, keys=("loss", "heads_loss", "head1/top1", "head2/top1", "head3/top1",
-                                  "lm/loss", "lm/kl", "grad_norm")) -> str:
+                                  "lm/loss", "lm/kl", "grad_norm", "steps_per_s")) -> str:
   return " ".join(f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics)
 
 
@@ -259,6 +270,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   loaded = runtime.load(config)
   cfg, hcfg = loaded.cfg, loaded.heads
   params = loaded.params
+  data_lib, train_src, heldout_src = _data_sources(config, loaded.tokenizer)
+  if hcfg.draft_vocab:
+    params["medusa"]["vocab_ids"] = heads_lib.draft_vocab_from_counts(hcfg, target_counts(train_src, cfg.vocab_size))
   label_map = labels(params, tc.trainable)
   tparams, frozen = partition(params, label_map)
   if not tparams:
@@ -279,7 +293,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                     out_shardings=placement.step_out_shardings(tx))
   eval_fn = jax.jit(functools.partial(eval_step, sc))
 
-  data_lib, train_src, heldout_src = _data_sources(config, loaded.tokenizer)
   per_host = tc.batch_size // jax.process_count()
   loader = data_lib.make_loader(train_src, batch_size=per_host, seq_len=tc.seq_len, seed=config.seed,
                                 shard_index=jax.process_index(), shard_count=jax.process_count(),

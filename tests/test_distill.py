@@ -1,0 +1,155 @@
+"""Tests of self-distillation (medusa_jax/distill.py): prompt selection, resume after a kill, the TFDS dataset."""
+
+import itertools
+import json
+import os
+import shutil
+
+import pytest
+
+from medusa_jax import bundled
+from medusa_jax import config as config_lib
+from medusa_jax import data
+from medusa_jax import decode
+from medusa_jax import distill
+from medusa_jax import runtime
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tiny_llama_dir, tmp_path_factory):
+  """A tiny random Llama with SmolLM2's vocabulary and tokenizer (chat template), as an HF dir."""
+  src = tiny_llama_dir(vocab_size=49152, max_position_embeddings=2048)
+  path = str(tmp_path_factory.mktemp("tiny_chat") / "model")
+  shutil.copytree(src, path)
+  bundled.smollm2_tokenizer().save_pretrained(path)
+  return path
+
+
+def _config(model_dir, tmp_path, num_prompts):
+  c = config_lib.default_config()
+  c.model = model_dir
+  c.distill.num_prompts = num_prompts
+  c.distill.num_eval_prompts = 0  # the counts below are of train prompts only
+  c.distill.batch_size = 2  # several batches out of a handful of prompts
+  c.distill.max_new_tokens = 8
+  c.distill.max_prompt_len = 128
+  c.data.data_dir = str(tmp_path / "data")
+  c.data.max_len = 160
+  return c
+
+
+def _lines(path):
+  with open(path) as f:
+    return [json.loads(l) for l in f]
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_dataset_name_separates_settings():
+  c = config_lib.default_config()
+  base = distill.dataset_name(c)
+  assert base == "distill_smollm2_135m_instruct_t0_g256_p256_h0p02_n1024e32_l512"
+  names = {base}
+  for key, value in (("num_prompts", 2048), ("temperature", 0.3), ("max_new_tokens", 128), ("max_prompt_len", 512)):
+    c2 = config_lib.default_config()
+    c2.distill[key] = value
+    names.add(distill.dataset_name(c2))
+  c2 = config_lib.default_config()
+  c2.data.max_len = 1024
+  names.add(distill.dataset_name(c2))
+  c2 = config_lib.default_config()
+  c2.model = "/some/where/export"
+  names.add(distill.dataset_name(c2))
+  assert len(names) == 7
+  # The replies of a larger run extend a smaller one: num_prompts is not in the workdir.
+  c3 = config_lib.default_config()
+  c3.distill.num_prompts = 7
+  assert distill.default_workdir(c3) == distill.default_workdir(c)
+
+
+def test_prompts_come_from_the_train_split_only():
+  tok = bundled.smollm2_tokenizer()
+  prompts = lambda split, n: list(itertools.islice(distill.sharegpt_prompts(
+      tok, split=split, heldout_fraction=0.02, max_prompt_len=100), n))
+  train, held = prompts("train", 30), prompts("heldout", 3)
+  assert len(train) == 30 and len(held) == 3
+  assert all(not data.is_heldout(p.id, 0.02) for p in train)
+  assert all(data.is_heldout(p.id, 0.02) for p in held)
+  assert all(len(p.tokens) <= 100 for p in train + held)
+  assert list(train[0].tokens) == runtime.chat_prompt(tok, train[0].text)
+
+
+def test_reply_text_strips_the_end_token():
+  tok = bundled.smollm2_tokenizer()
+  ids = tok.encode("Hello there.", add_special_tokens=False)
+  assert distill.reply_text(tok, ids + [2], (2,)) == "Hello there."
+  assert distill.reply_text(tok, ids, (2,)) == "Hello there."
+
+
+def test_resume_after_a_kill_and_a_larger_run(tiny_chat_dir, tmp_path, monkeypatch):
+  out = str(tmp_path / "replies")
+  replies = os.path.join(out, distill.REPLIES_FILE)
+  c4 = _config(tiny_chat_dir, tmp_path, 4)
+  loaded = runtime.load(c4)
+
+  calls = []
+  real_generate = decode.Decoder.generate
+
+  def counting(self, params, prompts, rng=None):
+    calls.append(len(prompts))
+    if kill_after is not None and len(calls) > kill_after:
+      raise _Interrupt("killed")
+    return real_generate(self, params, prompts, rng)
+
+  monkeypatch.setattr(decode.Decoder, "generate", counting)
+
+  # Killed during the second batch: the first batch is on disk; then a kill mid-write leaves half a line.
+  kill_after = 1
+  with pytest.raises(_Interrupt):
+    distill.distill(c4, loaded, out)
+  assert len(_lines(replies)) == 2
+  with open(replies, "a") as f:
+    f.write('{"id": "half-written", "conversa')
+
+  kill_after, calls[:] = None, []
+  name4 = distill.distill(c4, loaded, out)
+  assert calls == [2]  # only the two missing prompts were generated
+  first = _lines(replies)
+  assert len(first) == 4 and len({r["id"] for r in first}) == 4
+
+  c8 = _config(tiny_chat_dir, tmp_path, 8)
+  calls[:] = []
+  name8 = distill.distill(c8, loaded, out)
+  assert calls == [2, 2]
+  recs = _lines(replies)
+  ids = [r["id"] for r in recs]
+  assert len(ids) == 8 and len(set(ids)) == 8
+  assert recs[:4] == first  # earlier replies are kept as they were
+  assert not any(data.is_heldout(i, c8.data.heldout_fraction) for i in ids)
+  # The first 8 train-split prompts, in file order.
+  expected = [p.id for p in distill.select_prompts(c8, loaded.tokenizer)]
+  assert sorted(ids) == sorted(expected)
+  for r in recs:
+    turns = r["conversations"]
+    assert [t["from"] for t in turns] == ["human", "gpt"] and isinstance(turns[1]["value"], str)
+
+  # Both datasets exist under their own names and load back.
+  assert name4 != name8 == distill.dataset_name(c8)
+  train = data.load_split(c8.data.data_dir, name8, "train")
+  held = data.load_split(c8.data.data_dir, name8, "heldout")
+  meta = data.dataset_metadata(c8.data.data_dir, name8)
+  assert len(train) + len(held) == meta["counts"]["train"] + meta["counts"]["heldout"] > 0
+  stored = {train[i]["id"].decode() for i in range(len(train))} | {held[i]["id"].decode() for i in range(len(held))}
+  assert stored <= set(ids)
+  ex = train[0]
+  assert ex["loss_mask"].sum() > 0 and len(ex["tokens"]) <= c8.data.max_len
+
+  # A finished run is not redone; other settings in the same workdir are refused.
+  calls[:] = []
+  assert distill.distill(c8, loaded, out) == name8 and calls == []
+  c_other = _config(tiny_chat_dir, tmp_path, 8)
+  c_other.distill.max_new_tokens = 9
+  with pytest.raises(ValueError, match="use another --workdir"):
+    distill.distill(c_other, loaded, out)
