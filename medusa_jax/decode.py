@@ -88,11 +88,12 @@ def pad_prompts(prompts: list[list[int]], length: int, pad_id: int = 0):
 # Sampling and emission
 # ----------------------------------------------------------------------------------------------
 
-def sample_logits(logits_BxV, rng, sampling: Sampling):
-  """Greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
-  if sampling.temperature <= 0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits = logits_BxV.astype(jnp.float32) / sampling.temperature
+def sampling_logits(logits_xV, sampling: Sampling):
+  """The logits plain sampling draws from: divided by the temperature, outside the nucleus -inf.
+
+  Lossless Medusa sampling must target exactly this distribution, so both use this function.
+  """
+  logits = logits_xV.astype(jnp.float32) / sampling.temperature
   if sampling.top_p < 1.0:
     sorted_desc = jnp.sort(logits, axis=-1)[..., ::-1]
     cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
@@ -100,7 +101,14 @@ def sample_logits(logits_BxV, rng, sampling: Sampling):
     cutoff_idx = jnp.sum(cum < sampling.top_p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(sorted_desc, cutoff_idx, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return logits
+
+
+def sample_logits(logits_BxV, rng, sampling: Sampling):
+  """Greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+  if sampling.temperature <= 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, sampling_logits(logits_BxV, sampling), axis=-1).astype(jnp.int32)
 
 
 def emit(state: DecodeState, new_BxA, count_B, eos_ids: tuple[int, ...], max_new_tokens: int) -> DecodeState:
@@ -196,6 +204,8 @@ class Decoder:
 
   ``step_fn(cfg, params, state, sampling=...)`` is the mode's step, ``room`` the cache rows a step
   writes, ``slack`` how many tokens a step may emit beyond ``max_new_tokens`` before truncation.
+  ``placement`` (a ``sharding.DecodePlacement``) runs them on a device mesh with explicit shardings
+  (params by their logical axes, cache and per-sequence state by batch / kv heads); None: one device.
   """
   cfg: ModelConfig
   sampling: Sampling
@@ -203,24 +213,68 @@ class Decoder:
   room: int = 1
   slack: int = 1
   extra_fn: Callable | None = None
+  placement: Any = None
 
   def __post_init__(self):
     step = functools.partial(self.step_fn, self.cfg, sampling=self.sampling)
-    self._prefill = jax.jit(functools.partial(
-        prefill, self.cfg, sampling=self.sampling, slack=self.slack, extra_fn=self.extra_fn),
-        static_argnames=("capacity",))
+    prefill_fn = functools.partial(prefill, self.cfg, sampling=self.sampling, slack=self.slack,
+                                   extra_fn=self.extra_fn)
+    loop = lambda p, s: run_loop(functools.partial(step, p), s, self.room)
+    self._fns = (prefill_fn, step, loop)
+    self._sharded = {}
+    self._prefill = jax.jit(prefill_fn, static_argnames=("capacity",))
     # The cache is donated: each step updates it in place instead of copying S rows per layer.
     self._step = jax.jit(step, donate_argnums=(1,))
-    self._loop = jax.jit(lambda p, s: run_loop(functools.partial(step, p), s, self.room), donate_argnums=(1,))
+    self._loop = jax.jit(loop, donate_argnums=(1,))
+
+  def sharded_jits(self, params, batch: int, prompt_len: int, capacity: int):
+    """(prefill, step, loop) jitted for ``placement``'s mesh with explicit in/out shardings.
+
+    One set per (params structure, batch, prompt length, capacity): whether the batch splits over
+    the data axes depends on its size. ``params`` may be abstract (``jax.ShapeDtypeStruct``s), so
+    the steps can be lowered and compiled ahead of time (``medusa_jax.fit``).
+    """
+    key = (jax.tree.structure(params), batch, prompt_len, capacity)
+    if key not in self._sharded:
+      pl = self.placement
+      prefill_fn, step, loop = self._fns
+      prefill_s = functools.partial(prefill_fn, capacity=capacity)
+      p_sh = pl.params(params)
+      abstract = jax.eval_shape(prefill_s, params, jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
+                                jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32))
+      s_sh = pl.state(abstract)
+      # Prompts and lengths are per-sequence (batch over the data axes); the rng key is replicated.
+      in_prefill = (p_sh, pl.batch((batch, prompt_len)), pl.batch((batch,)), pl.replicated)
+      self._sharded[key] = (
+          jax.jit(prefill_s, in_shardings=in_prefill, out_shardings=s_sh),
+          # The state (cache included) is donated and comes back with the same shardings.
+          jax.jit(step, in_shardings=(p_sh, s_sh), out_shardings=s_sh, donate_argnums=(1,)),
+          jax.jit(loop, in_shardings=(p_sh, s_sh), out_shardings=s_sh, donate_argnums=(1,)),
+          in_prefill)
+    return self._sharded[key]
+
+  def _state_jits(self, params, state):
+    want = (jax.tree.structure(params), state.num_B.shape[0], model_lib.cache_capacity(state.cache))
+    for (tree, b, _, s), fns in self._sharded.items():
+      if (tree, b, s) == want:
+        return fns
+    raise ValueError("this state was not made by this decoder's start()")
 
   def start(self, params, prompts: list[list[int]], rng=None) -> DecodeState:
     P, S = plan_cache(self.cfg, [len(p) for p in prompts], self.sampling.max_new_tokens, self.room)
     arr, lengths = pad_prompts(prompts, P)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    return self._prefill(params, jnp.asarray(arr), jnp.asarray(lengths), rng, capacity=S)
+    if self.placement is None:
+      return self._prefill(params, jnp.asarray(arr), jnp.asarray(lengths), rng, capacity=S)
+    prefill_j, _, _, in_sh = self.sharded_jits(params, len(prompts), P, S)
+    # Every host passes the same prompts; put_global builds each host's shards from its copy.
+    args = self.placement.put((arr, lengths, np.asarray(rng)), in_sh[1:])
+    return prefill_j(params, *args)
 
   def finish(self, params, state: DecodeState) -> DecodeState:
-    return self._loop(params, state)
+    if self.placement is None:
+      return self._loop(params, state)
+    return self._state_jits(params, state)[2](params, state)
 
   def generate(self, params, prompts: list[list[int]], rng=None) -> tuple[list[list[int]], DecodeState]:
     state = self.finish(params, self.start(params, prompts, rng))
@@ -229,6 +283,7 @@ class Decoder:
   def stream(self, params, prompts: list[list[int]], rng=None) -> Iterator[list[list[int]]]:
     """Yields, after the prefill and after each step, the tokens each sequence newly emitted."""
     state = self.start(params, prompts, rng)
+    step = self._step if self.placement is None else self._state_jits(params, state)[1]
     seen = np.zeros(len(prompts), np.int64)
     while True:
       num = np.asarray(state.num_B)
@@ -237,7 +292,7 @@ class Decoder:
       seen = num
       if not bool(_should_continue(state, self.room)):
         return
-      state = self._step(params, state)
+      state = step(params, state)
 
 
 def outputs(state: DecodeState) -> list[list[int]]:
@@ -274,11 +329,24 @@ class MedusaSpec:
 
 
 def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_Bx1xD):
-  """Each head's top-k tokens at one position, flattened: [B, sum(segment_topk)]."""
+  """Each head's top-k tokens at one position, flattened: [B, sum(segment_topk)].
+
+  Only the heads the tree reaches are evaluated, over their draft vocabulary when they have one:
+  their LM projection is the largest cost a Medusa step adds to a small tree's forward.
+  """
   from medusa_jax import heads as heads_lib  # pylint: disable=g-import-not-at-top
-  logits_BxMxV = heads_lib.logits(spec.heads, cfg, params, hidden_Bx1xD)[:, 0]
-  parts = [jax.lax.top_k(logits_BxMxV[:, m], k)[1] for m, k in enumerate(spec.tree.segment_topk)]
-  return jnp.concatenate(parts, axis=-1).astype(jnp.int32)
+  depth = len(spec.tree.segment_topk)
+  hcfg = dataclasses.replace(spec.heads, num_heads=depth)
+  medusa = {k: (v if k == "vocab_ids" else v[:depth]) for k, v in params["medusa"].items()}
+  logits_BxMxV = heads_lib.subset_logits(hcfg, cfg, {"base": params["base"], "medusa": medusa},
+                                         hidden_Bx1xD)[:, 0]
+  parts = []
+  for m, k in enumerate(spec.tree.segment_topk):
+    idx = (jnp.argmax(logits_BxMxV[:, m], axis=-1)[:, None] if k == 1
+           else jax.lax.top_k(logits_BxMxV[:, m], k)[1])
+    parts.append(idx)
+  idx = jnp.concatenate(parts, axis=-1).astype(jnp.int32)
+  return medusa["vocab_ids"][idx] if spec.heads.draft_vocab else idx
 
 
 def _typical_ok(logits_BxCxDxV, tokens_BxCxD, temperature, eps, delta):
@@ -357,8 +425,9 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
   path_tokens = tokens_BxN[:, paths]         # [B, C, A+1]
   rng, sub = jax.random.split(state.rng)
   if spec.acceptance == "sample" and sampling.temperature > 0:
-    count, last_node, bonus = _exact_sample_walk(tree, logits_BxNxV, tokens_BxN, sub, sampling.temperature,
-                                                 spec.exact_renormalise)
+    # The walk targets plain sampling's distribution, nucleus included (already divided by T).
+    count, last_node, bonus = _exact_sample_walk(tree, sampling_logits(logits_BxNxV, sampling), tokens_BxN,
+                                                 sub, 1.0, spec.exact_renormalise)
     # The walk's nodes lie on some root-to-leaf path: pick one that passes through last_node.
     on_path = (paths == last_node[:, None, None]).any(-1)  # [B, C]
     best = jnp.argmax(on_path, axis=-1)
@@ -405,10 +474,11 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
   return emit(state, new, count + 1, cfg.eos_ids, sampling.max_new_tokens)
 
 
-def make_decoder(cfg: ModelConfig, sampling: Sampling, spec: MedusaSpec | None = None) -> Decoder:
-  """A vanilla decoder, or a Medusa one when ``spec`` is given."""
+def make_decoder(cfg: ModelConfig, sampling: Sampling, spec: MedusaSpec | None = None,
+                 placement: Any = None) -> Decoder:
+  """A vanilla decoder, or a Medusa one when ``spec`` is given; sharded over a mesh with ``placement``."""
   if spec is None:
-    return Decoder(cfg, sampling)
+    return Decoder(cfg, sampling, placement=placement)
   return Decoder(cfg, sampling, step_fn=functools.partial(medusa_step, spec=spec), room=spec.tree.num_nodes,
                  slack=spec.tree.depth + 1,
-                 extra_fn=lambda params, h: head_candidates(spec, cfg, params, h))
+                 extra_fn=lambda params, h: head_candidates(spec, cfg, params, h), placement=placement)

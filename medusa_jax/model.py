@@ -164,7 +164,9 @@ def cache_capacity(cache: Cache) -> int:
 
 def _write_rows(cache_BxSxKxE, new_BxLxKxE, index_B):
   """Writes each sequence's L new rows at its own offset (rows index[b] .. index[b]+L-1)."""
-  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(
+  # in_dim builds the other start indices in i's dtype: literal zeros would be int64 under
+  # jax_enable_x64 and clash with the int32 index.
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(
       cache_BxSxKxE, new_BxLxKxE.astype(cache_BxSxKxE.dtype), index_B)
 
 
@@ -242,7 +244,10 @@ def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv
     v_all = _write_rows(layer_cache["v"], v, index_B)
     new_cache = {"k": k_all, "v": v_all}
   attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), mask_BxLxS)
-  x = x_BxLxD + jnp.einsum("blhe,hed->bld", attn, p["wo"].astype(dt))
+  # As one [B*L, H*E] x [H*E, D] matmul: the two-axis einsum made XLA-CPU copy a transposed wo each step.
+  B, L = attn.shape[:2]
+  wo = p["wo"].astype(dt)
+  x = x_BxLxD + jnp.dot(attn.reshape(B, L, -1), wo.reshape(-1, wo.shape[-1]))
   h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
   gate = jnp.einsum("bld,df->blf", h, p["w_gate"].astype(dt))
   up = jnp.einsum("bld,df->blf", h, p["w_up"].astype(dt))

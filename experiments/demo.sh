@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make demo`: the whole Medusa-1 pipeline on the embedded default (SmolLM2-135M-Instruct + ShareGPT),
+# about an hour on a 2-core CPU. Each step resumes or reuses its output when run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+CONFIG=${CONFIG:-configs/smollm2_medusa1.py}
+WORK=${WORK:-runs/smollm2_medusa1}
+mkdir -p "$WORK"
+
+echo "== 1/5 self-distillation: SmolLM2 answers ShareGPT prompts (train split only)"
+$PY -m medusa_jax.distill --config "$CONFIG"
+
+echo "== 2/5 Medusa-1 training (frozen backbone) -> $WORK"
+$PY -m medusa_jax.train --config "$CONFIG" --workdir "$WORK"
+
+echo "== 3/5 tree calibration on held-out ShareGPT prompts, sized by this machine's step costs"
+$PY -m medusa_jax.calibrate --config "$CONFIG" --checkpoint "$WORK/export" --nodes 0 --out "$WORK/tree.json"
+
+echo "== 4/5 benchmark: 10 MT-Bench questions x 128 tokens, vanilla vs Medusa, greedy"
+$PY -m medusa_jax.benchmark --config "$CONFIG" --checkpoint "$WORK/export" --tree "$WORK/tree.json" \
+    --modes vanilla,medusa --prompts mt_bench --num_prompts 10 --max_new_tokens 128 --out "$WORK/results_mt_bench.json"
+
+echo "== 5/5 the same on 10 held-out ShareGPT prompts that neither training nor calibration read"
+$PY -m medusa_jax.benchmark --config "$CONFIG" --checkpoint "$WORK/export" --tree "$WORK/tree.json" \
+    --modes vanilla,medusa --prompts sharegpt_heldout --num_prompts 10 --max_new_tokens 128 \
+    --out "$WORK/results_heldout.json"
