@@ -372,7 +372,7 @@ def _medusa_heads_file(path: str) -> str:
     raise WeightsError(
         f"{path} holds the heads only as pickled PyTorch weights ({pickled[0]}); medusa_jax reads "
         f"safetensors only (unpickling can run arbitrary code). Convert once, in a trusted environment: "
-        f"`safetensors.torch.save_file({{k: v.contiguous() for k, v in torch.load('{pickled[0]}').items()}}, "
+        f"`safetensors.torch.save_file({{k: v.clone().contiguous() for k, v in torch.load('{pickled[0]}').items()}}, "
         f"'{MEDUSA_HEADS_FILE}')`.")
   raise WeightsError(f"{path}: no {MEDUSA_HEADS_FILE} (the Medusa heads weights).")
 
@@ -475,6 +475,10 @@ def save_medusa_heads(path: str, hcfg, cfg: ModelConfig, medusa_params: dict,
   release's loader finds the backbone.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if getattr(hcfg, "draft_vocab", 0):
+    # Dropping vocab_ids would silently let the heads propose tokens they never learnt.
+    raise WeightsError(f"The release format has no draft vocabulary; these heads propose only "
+                       f"{hcfg.draft_vocab} tokens. Export them with the checkpoint instead.")
   M, n, D, V = hcfg.num_heads, hcfg.num_layers, cfg.dim, cfg.vocab_size
   want = {"w": (M, n, D, D), "b": (M, n, D)}
   if not hcfg.shared_lm_head:
