@@ -214,12 +214,15 @@ class Decoder:
   slack: int = 1
   extra_fn: Callable | None = None
   placement: Any = None
+  prepare: Callable = lambda params: params
 
   def __post_init__(self):
     step = functools.partial(self.step_fn, self.cfg, sampling=self.sampling)
     prefill_fn = functools.partial(prefill, self.cfg, sampling=self.sampling, slack=self.slack,
                                    extra_fn=self.extra_fn)
-    loop = lambda p, s: run_loop(functools.partial(step, p), s, self.room)
+    # Loop-invariant work on the params (e.g. gathering the heads' draft projection) runs once per
+    # generation, outside the while loop.
+    loop = lambda p, s: run_loop(functools.partial(step, self.prepare(p)), s, self.room)
     self._fns = (prefill_fn, step, loop)
     self._sharded = {}
     self._prefill = jax.jit(prefill_fn, static_argnames=("capacity",))
@@ -337,7 +340,8 @@ def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_Bx1xD):
   from medusa_jax import heads as heads_lib  # pylint: disable=g-import-not-at-top
   depth = len(spec.tree.segment_topk)
   hcfg = dataclasses.replace(spec.heads, num_heads=depth)
-  medusa = {k: (v if k == "vocab_ids" else v[:depth]) for k, v in params["medusa"].items()}
+  shared = ("vocab_ids",) + (("draft_w",) if spec.heads.shared_lm_head else ())
+  medusa = {k: (v if k in shared else v[:depth]) for k, v in params["medusa"].items()}
   logits_BxMxV = heads_lib.subset_logits(hcfg, cfg, {"base": params["base"], "medusa": medusa},
                                          hidden_Bx1xD)[:, 0]
   parts = []
@@ -455,9 +459,13 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
 
   # --- commit: move the accepted path's K/V rows right after the prefix ---------------------------
   best_nodes = paths[best]                      # [B, A+1]
-  src = idx[:, None] + best_nodes                # rows of the accepted nodes
+  N = tree.num_nodes
+
   def move(c):
-    rows = jnp.take_along_axis(c, src[:, :, None, None], axis=1)
+    # Read back only the N rows this step wrote, pick the path's, write them after the prefix:
+    # gathering from the whole cache made XLA-CPU transpose-copy every layer's cache each step.
+    written = jax.vmap(lambda cb, i: jax.lax.dynamic_slice_in_dim(cb, i, N, axis=0))(c, idx)
+    rows = jnp.take_along_axis(written, best_nodes[:, :, None, None], axis=1)
     return model_lib._write_rows(c, rows, idx)  # pylint: disable=protected-access
   layers = [{"k": move(l["k"]), "v": move(l["v"])} for l in cache["layers"]]
   live = ~state.done_B
@@ -479,6 +487,8 @@ def make_decoder(cfg: ModelConfig, sampling: Sampling, spec: MedusaSpec | None =
   """A vanilla decoder, or a Medusa one when ``spec`` is given; sharded over a mesh with ``placement``."""
   if spec is None:
     return Decoder(cfg, sampling, placement=placement)
+  from medusa_jax import heads as heads_lib  # pylint: disable=g-import-not-at-top
   return Decoder(cfg, sampling, step_fn=functools.partial(medusa_step, spec=spec), room=spec.tree.num_nodes,
+                 prepare=functools.partial(heads_lib.prepare_for_decoding, spec.heads, cfg),
                  slack=spec.tree.depth + 1,
                  extra_fn=lambda params, h: head_candidates(spec, cfg, params, h), placement=placement)

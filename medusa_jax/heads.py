@@ -92,14 +92,34 @@ def subset_logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD):
   x = head_states(hcfg, cfg, params["medusa"], hidden_BxLxD)
   dt = cfg.compute_dtype
   acc = jnp.promote_types(dt, jnp.float32)
-  ids = params["medusa"].get("vocab_ids") if hcfg.draft_vocab else None
+  if hcfg.draft_vocab:
+    w = params["medusa"].get("draft_w")
+    if w is None:
+      w = draft_weight(hcfg, cfg, params)
+    if hcfg.shared_lm_head:
+      return jnp.einsum("blmd,vd->blmv", x, w.astype(dt), preferred_element_type=acc)
+    return jnp.einsum("blmd,mvd->blmv", x, w.astype(dt), preferred_element_type=acc)
   if hcfg.shared_lm_head:
-    w = model_lib.lm_head_weight(cfg, params["base"])
-    w = (w if ids is None else jnp.take(w, ids, axis=1)).astype(dt)
+    w = model_lib.lm_head_weight(cfg, params["base"]).astype(dt)
     return jnp.einsum("blmd,dv->blmv", x, w, preferred_element_type=acc)
-  w = params["medusa"]["lm_head"]
-  w = (w if ids is None else jnp.take(w, ids, axis=2)).astype(dt)
-  return jnp.einsum("blmd,mdv->blmv", x, w, preferred_element_type=acc)
+  return jnp.einsum("blmd,mdv->blmv", x, params["medusa"]["lm_head"].astype(dt), preferred_element_type=acc)
+
+
+def draft_weight(hcfg: HeadsConfig, cfg: ModelConfig, params):
+  """The LM projection restricted to the draft vocabulary, row-major: [V', D] (or [M, V', D])."""
+  ids = params["medusa"]["vocab_ids"]
+  if hcfg.shared_lm_head:
+    base = params["base"]
+    return base["embed"][ids] if cfg.tie_embeddings else jnp.take(base["lm_head"], ids, axis=1).T
+  return jnp.swapaxes(jnp.take(params["medusa"]["lm_head"], ids, axis=2), 1, 2)
+
+
+def prepare_for_decoding(hcfg: HeadsConfig, cfg: ModelConfig, params):
+  """Params with the draft projection gathered once (``medusa/draft_w``), outside the decode loop:
+  gathering it inside the loop body copied (and transposed) the whole LM head every step."""
+  if not hcfg.draft_vocab or "draft_w" in params["medusa"]:
+    return params
+  return {**params, "medusa": {**params["medusa"], "draft_w": draft_weight(hcfg, cfg, params)}}
 
 
 def logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD):

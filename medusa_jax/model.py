@@ -163,11 +163,17 @@ def cache_capacity(cache: Cache) -> int:
 
 
 def _write_rows(cache_BxSxKxE, new_BxLxKxE, index_B):
-  """Writes each sequence's L new rows at its own offset (rows index[b] .. index[b]+L-1)."""
-  # in_dim builds the other start indices in i's dtype: literal zeros would be int64 under
-  # jax_enable_x64 and clash with the int32 index.
-  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(
-      cache_BxSxKxE, new_BxLxKxE.astype(cache_BxSxKxE.dtype), index_B)
+  """Writes each sequence's L new rows at its own offset (rows index[b] .. index[b]+L-1).
+
+  One dynamic-update-slice per sequence (B is static), which XLA performs in place on the donated
+  cache; a vmapped update becomes a scatter that XLA-CPU runs on a transposed copy of the cache.
+  """
+  new = new_BxLxKxE.astype(cache_BxSxKxE.dtype)
+  zero = jnp.zeros((), index_B.dtype)  # start indices share one dtype (int32 even under x64)
+  for b in range(cache_BxSxKxE.shape[0]):
+    cache_BxSxKxE = jax.lax.dynamic_update_slice(cache_BxSxKxE, new[b:b + 1],
+                                                 (jnp.asarray(b, index_B.dtype), index_B[b], zero, zero))
+  return cache_BxSxKxE
 
 
 # ----------------------------------------------------------------------------------------------
