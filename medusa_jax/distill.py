@@ -180,7 +180,9 @@ def read_replies(path: str) -> dict[str, dict]:
   with open(path, encoding="utf-8") as f:
     text = f.read()
   records, bad = {}, 0
-  for line in text.splitlines():
+  # Records end at "\n" only: str.splitlines() would also cut a reply at U+2028, \x1c, \x85 ...
+  # (JSON leaves them unescaped with ensure_ascii=False) and drop it as a broken line.
+  for line in text.split("\n"):
     if not line.strip():
       continue
     try:

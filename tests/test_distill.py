@@ -88,6 +88,20 @@ def test_reply_text_strips_the_end_token():
   assert distill.reply_text(tok, ids, (2,)) == "Hello there."
 
 
+def test_replies_with_unicode_line_separators_survive(tmp_path):
+  # A real SmolLM2 reply contained such a character; str.splitlines() cut its record in two and
+  # the resume logic dropped it as a broken line.
+  path = str(tmp_path / distill.REPLIES_FILE)
+  recs = [{"id": f"a{i}", "conversations": [{"from": "human", "value": "q"},
+                                            {"from": "gpt", "value": f"x{sep}y"}]}
+          for i, sep in enumerate(["\u2028", "\u2029", "\x1c", "\x85", "\x0b", "\x0c", "\r"])]
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+  got = distill.read_replies(path)
+  assert [got[r["id"]] for r in recs] == recs
+  assert distill.read_replies(path) == got  # and the file was not rewritten without them
+
+
 def test_resume_after_a_kill_and_a_larger_run(tiny_chat_dir, tmp_path, monkeypatch):
   out = str(tmp_path / "replies")
   replies = os.path.join(out, distill.REPLIES_FILE)
