@@ -20,6 +20,7 @@ Fixtures
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -103,3 +104,14 @@ def smollm2_chat_prompt(smollm2):
   tok = smollm2[2]
   text = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
   return [int(i) for i in tok.encode(text, add_special_tokens=False)]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tiny_llama_dir, tmp_path_factory):
+  """A tiny random Llama with SmolLM2's vocabulary and tokenizer (chat template), as an HF dir."""
+  from medusa_jax import bundled  # pylint: disable=g-import-not-at-top
+  src = tiny_llama_dir(vocab_size=49152, max_position_embeddings=2048)
+  path = str(tmp_path_factory.mktemp("tiny_chat") / "model")
+  shutil.copytree(src, path)
+  bundled.smollm2_tokenizer().save_pretrained(path)
+  return path

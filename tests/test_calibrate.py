@@ -1,29 +1,17 @@
 """Tests of tree calibration (medusa_jax/calibrate.py): rank counting, tree size choice, the tree file."""
 
 import json
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medusa_jax import bundled
 from medusa_jax import calibrate
 from medusa_jax import config as config_lib
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
 from medusa_jax import runtime
 from medusa_jax import tree
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_dir(tiny_llama_dir, tmp_path_factory):
-  """A tiny random Llama with SmolLM2's vocabulary and tokenizer (chat template), as an HF dir."""
-  src = tiny_llama_dir(vocab_size=49152, max_position_embeddings=2048)
-  path = str(tmp_path_factory.mktemp("tiny_chat") / "model")
-  shutil.copytree(src, path)
-  bundled.smollm2_tokenizer().save_pretrained(path)
-  return path
 
 
 def test_generation_targets():

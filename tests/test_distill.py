@@ -3,7 +3,6 @@
 import itertools
 import json
 import os
-import shutil
 
 import pytest
 
@@ -13,16 +12,6 @@ from medusa_jax import data
 from medusa_jax import decode
 from medusa_jax import distill
 from medusa_jax import runtime
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_dir(tiny_llama_dir, tmp_path_factory):
-  """A tiny random Llama with SmolLM2's vocabulary and tokenizer (chat template), as an HF dir."""
-  src = tiny_llama_dir(vocab_size=49152, max_position_embeddings=2048)
-  path = str(tmp_path_factory.mktemp("tiny_chat") / "model")
-  shutil.copytree(src, path)
-  bundled.smollm2_tokenizer().save_pretrained(path)
-  return path
 
 
 def _config(model_dir, tmp_path, num_prompts):
