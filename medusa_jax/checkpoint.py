@@ -133,6 +133,7 @@ def save_export(path: str, cfg: model_lib.ModelConfig, hcfg: heads_lib.HeadsConf
 
 def load_export(path: str, cfg: model_lib.ModelConfig, base) -> tuple[dict, heads_lib.HeadsConfig]:
   """Loads an export made by training; ``base`` is used when the export holds only the heads."""
+  path = os.path.abspath(path)  # Orbax wants absolute paths; users type relative ones
   meta_path = os.path.join(path, "export_meta.json")
   if not os.path.exists(meta_path) or not os.path.isdir(os.path.join(path, "params")):
     raise CheckpointError(f"{path} is not a medusa_jax export (expected export_meta.json and params/); "

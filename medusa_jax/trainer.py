@@ -122,6 +122,24 @@ class StepConfig:
   lambda0_schedule: str
   lambda0_ramp_steps: int
   remat_heads: bool = True
+  # Sharding of activations' rows (``TrainPlacement.rows``): with it the embedding table is gathered
+  # whole and the backbone's output pinned to it, so that XLA keeps the batch split across devices
+  # and gathers weights (FSDP) instead of replicating the batch; None: one device, nothing pinned.
+  rows: Any = None
+
+
+def _pin_rows(sc: StepConfig, x):
+  return x if sc.rows is None else jax.lax.with_sharding_constraint(x, sc.rows)
+
+
+def _whole_embedding(sc: StepConfig, base):
+  """The embedding table gathered whole (V x D, small) before the lookup: looked up in a table
+  split over ``embed``, the activations would inherit that split and XLA would replicate the
+  batch instead — every device then runs the whole batch."""
+  if sc.rows is None or "embed" not in base:
+    return base
+  whole = jax.sharding.NamedSharding(sc.rows.mesh, jax.sharding.PartitionSpec())
+  return {**base, "embed": jax.lax.with_sharding_constraint(base["embed"], whole)}
 
 
 def lambda0_at(sc: StepConfig, step):
@@ -134,8 +152,9 @@ def loss_fn(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
   params = merge(frozen, tparams)
   cfg = sc.model
   mask = model_lib.segment_causal_mask(batch["segment_ids"])
-  _, hidden, _ = model_lib.forward(cfg, params["base"], batch["tokens"], batch["positions"], mask, None,
-                                   logits=False)
+  _, hidden, _ = model_lib.forward(cfg, _whole_embedding(sc, params["base"]), batch["tokens"],
+                                   batch["positions"], mask, None, logits=False)
+  hidden = _pin_rows(sc, hidden)
   h_loss, metrics = loss_lib.heads_loss(sc.heads, cfg, params, hidden, batch, sc.head_decay,
                                         remat=sc.remat_heads)
   lam = lambda0_at(sc, step)
@@ -144,8 +163,8 @@ def loss_fn(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
   if sc.lm_weight > 0:
     teacher = None
     if sc.lm_loss == "kl":
-      _, t_hidden, _ = model_lib.forward(cfg, teacher_base, batch["tokens"], batch["positions"], mask, None,
-                                         logits=False)
+      _, t_hidden, _ = model_lib.forward(cfg, _whole_embedding(sc, teacher_base), batch["tokens"],
+                                         batch["positions"], mask, None, logits=False)
       teacher = jax.lax.stop_gradient(model_lib.project_logits(cfg, teacher_base, t_hidden))
     lm, lm_metrics = loss_lib.lm_loss(cfg, params["base"], hidden, batch, teacher)
     total = total + sc.lm_weight * lm
@@ -166,6 +185,19 @@ def train_step(sc: StepConfig, tx, tparams, opt_state, frozen, batch, step, teac
 
 def eval_step(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
   return loss_fn(sc, tparams, frozen, batch, step, teacher_base)[1]
+
+
+def jit_train_step(sc: StepConfig, tx, placement, with_teacher: bool):
+  """``train_step`` jitted for ``placement``'s mesh (``sharding.TrainPlacement``).
+
+  Explicit in/out shardings (see TrainPlacement for why each is what it is) fix the layout once, so
+  XLA neither guesses nor reshards between steps; params and optimizer state (args 0 and 1) are
+  donated, so their buffers are reused for the updated values instead of doubling the memory.
+  ``medusa_jax.fit`` lowers this same function ahead of time.
+  """
+  return jax.jit(functools.partial(train_step, sc, tx), donate_argnums=(0, 1),
+                 in_shardings=placement.step_in_shardings(tx, with_teacher),
+                 out_shardings=placement.step_out_shardings(tx))
 
 
 def step_config(config, cfg, hcfg) -> StepConfig:
@@ -196,9 +228,17 @@ def _data_sources(config, tokenizer):
   from medusa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   name = dataset_name(config)
   d = config.data
-  if d.source == "sharegpt" and jax.process_index() == 0:
-    data_lib.prepare_sharegpt(d.data_dir, tokenizer, max_len=d.max_len, max_examples=d.max_examples or None,
-                              heldout_fraction=d.heldout_fraction, name=name)
+  if d.source == "sharegpt":
+    # Host 0 builds the dataset first; then the others find it (a shared data_dir) or build their
+    # own identical copy (host-local disks). The build is deterministic, so all hosts agree.
+    for turn in (0, 1):
+      if (jax.process_index() == 0) == (turn == 0):
+        data_lib.prepare_sharegpt(d.data_dir, tokenizer, max_len=d.max_len,
+                                  max_examples=d.max_examples or None, heldout_fraction=d.heldout_fraction,
+                                  name=name)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices(f"prepare_sharegpt_{turn}")
   try:
     train = data_lib.load_split(d.data_dir, name, "train")
   except Exception as e:  # pylint: disable=broad-except
@@ -267,7 +307,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   tc = config.train
   sharding.maybe_initialize_distributed(config)
-  loaded = runtime.load(config)
+  # heads_dir (optional): start from heads in the original release's format (convert.load_medusa_heads).
+  loaded = runtime.load(config, heads=config.get("heads_dir", None) or None)
   cfg, hcfg = loaded.cfg, loaded.heads
   params = loaded.params
   data_lib, train_src, heldout_src = _data_sources(config, loaded.tokenizer)
@@ -285,18 +326,19 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
 
   mesh = sharding.make_mesh(config)
   placement = sharding.TrainPlacement(config, mesh, cfg, hcfg, tparams, frozen)
+  placement.check_batch(tc.batch_size)
+  sc = dataclasses.replace(sc, rows=placement.rows)
   tparams, frozen = placement.put(tparams, frozen)
   teacher = placement.put_frozen_like(teacher) if teacher is not None else None
   opt_state = jax.jit(tx.init, out_shardings=placement.opt_shardings(tx))(tparams)
-  step_fn = jax.jit(functools.partial(train_step, sc, tx), donate_argnums=(0, 1),
-                    in_shardings=placement.step_in_shardings(tx, teacher is not None),
-                    out_shardings=placement.step_out_shardings(tx))
+  step_fn = jit_train_step(sc, tx, placement, teacher is not None)
   eval_fn = jax.jit(functools.partial(eval_step, sc))
 
-  per_host = tc.batch_size // jax.process_count()
+  # Hosts whose devices share batch rows (replicas) read the same examples; see sharding.process_shard.
+  shard_index, shard_count = placement.data_shard()
+  per_host = tc.batch_size // shard_count
   loader = data_lib.make_loader(train_src, batch_size=per_host, seq_len=tc.seq_len, seed=config.seed,
-                                shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                pack=config.data.pack)
+                                shard_index=shard_index, shard_count=shard_count, pack=config.data.pack)
   it = iter(loader)
 
   trainable_rules = [[rx, g] for rx, g in tc.trainable]
@@ -319,7 +361,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     if heldout_src is None or not tc.eval_batches:
       return {}
     ev = data_lib.make_loader(heldout_src, batch_size=per_host, seq_len=tc.seq_len, seed=0, shuffle=False,
-                              num_epochs=1, shard_index=jax.process_index(), shard_count=jax.process_count(),
+                              num_epochs=1, shard_index=shard_index, shard_count=shard_count,
                               pack=config.data.pack)
     acc, n = {}, 0
     for i, b in enumerate(ev):
