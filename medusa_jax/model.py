@@ -165,15 +165,24 @@ def cache_capacity(cache: Cache) -> int:
 def _write_rows(cache_BxSxKxE, new_BxLxKxE, index_B):
   """Writes each sequence's L new rows at its own offset (rows index[b] .. index[b]+L-1).
 
-  One dynamic-update-slice per sequence (B is static), which XLA performs in place on the donated
-  cache; a vmapped update becomes a scatter that XLA-CPU runs on a transposed copy of the cache.
+  For the usual small batches: one dynamic-update-slice per sequence, which XLA performs in place
+  on the donated cache (a vmapped update becomes a scatter that XLA-CPU runs on a transposed copy of
+  the cache). Very large batches (statistical tests) use the vmapped form to keep the program small.
   """
   new = new_BxLxKxE.astype(cache_BxSxKxE.dtype)
-  zero = jnp.zeros((), index_B.dtype)  # start indices share one dtype (int32 even under x64)
-  for b in range(cache_BxSxKxE.shape[0]):
+  B = cache_BxSxKxE.shape[0]
+  if B > _UNROLL_WRITES_UP_TO:
+    # in_dim builds the other start indices in the index's dtype (int32 even under x64).
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(
+        cache_BxSxKxE, new, index_B)
+  zero = jnp.zeros((), index_B.dtype)
+  for b in range(B):
     cache_BxSxKxE = jax.lax.dynamic_update_slice(cache_BxSxKxE, new[b:b + 1],
                                                  (jnp.asarray(b, index_B.dtype), index_B[b], zero, zero))
   return cache_BxSxKxE
+
+
+_UNROLL_WRITES_UP_TO = 64
 
 
 # ----------------------------------------------------------------------------------------------
