@@ -9,18 +9,11 @@ rate is 4x the backbone's; a heads-only stage comes first. The released recipe t
 through LoRA; for a 135M model we train it fully. Variants: ``:tiny``.
 """
 
-import importlib.util
-import os
-
 from medusa_jax import config as config_lib
 
 
 def _medusa1():
-  spec = importlib.util.spec_from_file_location("smollm2_medusa1", os.path.join(os.path.dirname(__file__),
-                                                                               "smollm2_medusa1.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return config_lib.sibling_config(__file__, "smollm2_medusa1.py")
 
 
 def get_config(arg=None):

@@ -9,16 +9,11 @@ docs/scale_out.md) with the 13B architecture: 40 layers of width 5120, 40 heads 
 tensor parallel divides them; 16-way does not, and replicates the attention weights).
 """
 
-import importlib.util
-import os
+from medusa_jax import config as config_lib
 
 
 def _medusa1():
-  spec = importlib.util.spec_from_file_location("vicuna7b_medusa1", os.path.join(os.path.dirname(__file__),
-                                                                                "vicuna7b_medusa1.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return config_lib.sibling_config(__file__, "vicuna7b_medusa1.py")
 
 
 # config.json of lmsys/vicuna-13b-v1.3.

@@ -15,16 +15,11 @@ LoRA; this trains it fully, so the whole backbone has Adam moments: run the fit 
 Variants: ``:gpu8`` (default), ``:tpu`` (multi-host launch: docs/scale_out.md).
 """
 
-import importlib.util
-import os
+from medusa_jax import config as config_lib
 
 
 def _medusa1():
-  spec = importlib.util.spec_from_file_location("vicuna7b_medusa1", os.path.join(os.path.dirname(__file__),
-                                                                                "vicuna7b_medusa1.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return config_lib.sibling_config(__file__, "vicuna7b_medusa1.py")
 
 
 def get_config(arg=None):

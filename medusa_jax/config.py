@@ -112,6 +112,18 @@ def default_config() -> ConfigDict:
   return c
 
 
+def sibling_config(config_file: str, name: str):
+  """Loads another file of ``configs/`` as a module, by path: configs are loaded by path (not as a
+  package), so a variant such as Medusa-2 builds on its Medusa-1 file this way."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(name.removesuffix(".py"),
+                                                os.path.join(os.path.dirname(config_file), name))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
 def model_overrides(config: ConfigDict) -> dict:
   return {"dtype": config.dtype, "param_dtype": "float32"}
 
