@@ -228,6 +228,7 @@ class Decoder:
     self._prefill = jax.jit(prefill_fn, static_argnames=("capacity",))
     # The cache is donated: each step updates it in place instead of copying S rows per layer.
     self._step = jax.jit(step, donate_argnums=(1,))
+    self._prepare = jax.jit(self.prepare)
     self._loop = jax.jit(loop, donate_argnums=(1,))
 
   def sharded_jits(self, params, batch: int, prompt_len: int, capacity: int):
@@ -286,7 +287,12 @@ class Decoder:
   def stream(self, params, prompts: list[list[int]], rng=None) -> Iterator[list[list[int]]]:
     """Yields, after the prefill and after each step, the tokens each sequence newly emitted."""
     state = self.start(params, prompts, rng)
-    step = self._step if self.placement is None else self._state_jits(params, state)[1]
+    if self.placement is None:
+      # Loop-invariant work once per generation, as in the while loop, not once per yielded step.
+      params = self._prepare(params)
+      step = self._step
+    else:
+      step = self._state_jits(params, state)[1]
     seen = np.zeros(len(prompts), np.int64)
     while True:
       num = np.asarray(state.num_B)
