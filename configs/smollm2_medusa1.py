@@ -20,11 +20,16 @@ def get_config(arg=None):
   # the heads' LM projection is the largest cost of training them on a CPU.
   c.heads.num_heads = 4
   c.heads.draft_vocab = 8192
+  # Two residual blocks per head and a 3e-3 peak rate: on 1.5k distilled replies (hidden states
+  # cached, 400 x 1024 positions) head-1 held-out top-1 went 0.36 -> 0.41 and the teacher-forced
+  # chain acceptance 0.62 -> 0.75 tokens/step over one block at 1e-3.
+  c.heads.num_layers = 2
   c.train.remat_heads = False
   c.decode.mode = "medusa"
   c.decode.tree = "chain:4"
   c.data.source = "distilled"
   c.data.max_len = 384
+  c.data.pack = True  # replies average ~210 tokens with their prompt: unpacked rows were half padding
   c.distill.num_prompts = 1536
   c.distill.max_prompt_len = 176   # + 192 reply tokens fit data.max_len
   c.distill.max_new_tokens = 192
@@ -32,7 +37,7 @@ def get_config(arg=None):
   c.train.steps = 300
   c.train.batch_size = 8
   c.train.seq_len = 384
-  c.train.lr = 1e-3
+  c.train.lr = 3e-3
   c.train.eval_every = 100
   c.train.checkpoint_every = 50
   if arg == "tiny":

@@ -122,6 +122,10 @@ class StepConfig:
   lambda0_schedule: str
   lambda0_ramp_steps: int
   remat_heads: bool = True
+  # Medusa-2's heads-only stage: the backbone is held (stop_gradient) and its LM loss skipped, so a
+  # step costs what a Medusa-1 step costs instead of a full backbone backward plus a teacher forward
+  # whose updates the zero backbone learning rate would throw away.
+  heads_only: bool = False
   # Sharding of activations' rows (``TrainPlacement.rows``): with it the embedding table is gathered
   # whole and the backbone's output pinned to it, so that XLA keeps the batch split across devices
   # and gathers weights (FSDP) instead of replicating the batch; None: one device, nothing pinned.
@@ -150,6 +154,8 @@ def lambda0_at(sc: StepConfig, step):
 
 def loss_fn(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
   params = merge(frozen, tparams)
+  if sc.heads_only:
+    params = {**params, "base": jax.lax.stop_gradient(params["base"])}
   cfg = sc.model
   mask = model_lib.segment_causal_mask(batch["segment_ids"])
   _, hidden, _ = model_lib.forward(cfg, _whole_embedding(sc, params["base"]), batch["tokens"],
@@ -160,7 +166,7 @@ def loss_fn(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
   lam = lambda0_at(sc, step)
   total = lam * h_loss
   metrics["heads_loss"] = h_loss
-  if sc.lm_weight > 0:
+  if sc.lm_weight > 0 and not sc.heads_only:
     teacher = None
     if sc.lm_loss == "kl":
       _, t_hidden, _ = model_lib.forward(cfg, _whole_embedding(sc, teacher_base), batch["tokens"],
@@ -332,6 +338,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   teacher = placement.put_frozen_like(teacher) if teacher is not None else None
   opt_state = jax.jit(tx.init, out_shardings=placement.opt_shardings(tx))(tparams)
   step_fn = jit_train_step(sc, tx, placement, teacher is not None)
+  trains_base = any(g is not None for p, g in label_map.items() if p.startswith("base/"))
+  heads_only_fn = (jit_train_step(dataclasses.replace(sc, heads_only=True), tx, placement, teacher is not None)
+                   if trains_base and tc.heads_only_steps > 0 else step_fn)
   eval_fn = jax.jit(functools.partial(eval_step, sc))
 
   # Hosts whose devices share batch rows (replicas) read the same examples; see sharding.process_shard.
@@ -379,7 +388,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   t0 = time.perf_counter()
   for step in bar:
     batch = placement.put_batch(next(it))
-    tparams, opt_state, metrics = step_fn(tparams, opt_state, frozen, batch, jnp.asarray(step), teacher)
+    fn = heads_only_fn if step < tc.heads_only_steps else step_fn
+    tparams, opt_state, metrics = fn(tparams, opt_state, frozen, batch, jnp.asarray(step), teacher)
     done = step + 1
     if done % tc.log_every == 0 or done == end:
       metrics = {k: float(v) for k, v in metrics.items()}
@@ -399,8 +409,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   bar.close()
   if end == tc.steps:
     params = merge(frozen, tparams)
-    include_base = any(g is not None for p, g in label_map.items() if p.startswith("base/"))
-    ckpt_lib.save_export(os.path.join(workdir, "export"), cfg, hcfg, params, include_base=include_base,
+    ckpt_lib.save_export(os.path.join(workdir, "export"), cfg, hcfg, params, include_base=trains_base,
                          model=config.model)
     say(f"Exported params for decoding to {os.path.join(workdir, 'export')}")
   ckpts.close()
