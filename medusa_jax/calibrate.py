@@ -16,8 +16,11 @@ Steps (DESIGN.md, "Optimised tree"):
    generated text. ``accuracy[k-1, r]`` is the frequency of rank r. The backbone's own rank of the
    token at t+1 is recorded too: it must be 0 everywhere (the text is its greedy output), which
    checks the alignment.
-3. ``tree.grow_tree`` adds nodes greedily by the product of accuracies along their path, so one call
-   gives the best tree of every size 2..N, and its expected tokens per step (1 + sum of values).
+3. ``tree.grow_tree`` adds nodes greedily by their value, so one call gives the best tree of every
+   size 2..N, and its expected tokens per step (1 + sum of values). A node's value is by default
+   the measured frequency of its whole path being right (``--estimate joint``); DESIGN.md's product
+   of per-head accuracies (``--estimate product``) assumes heads err independently, which they do
+   not: it underrates deep paths and picks trees that are too shallow.
 4. The cost of one decoding step is measured on this hardware for a few sizes (the vanilla step for
    1 node, the Medusa step with that tree otherwise: the tree-verification forward plus candidate
    selection, acceptance and the cache commit), batch 1, with a cache sized for the calibration
@@ -53,6 +56,7 @@ from medusa_jax import tree as tree_lib
 _log = logging.getLogger("medusa_jax.calibrate")  # not __name__: that is __main__ under -m
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
+ESTIMATES = ("joint", "product")
 # Bytes of [B, C, M+1, V] float32 logits processed at once; V = 49152 makes this the memory peak.
 _LOGITS_BUDGET = 1 << 28
 
@@ -102,7 +106,8 @@ def accuracy_table(counts_KxR1: np.ndarray) -> np.ndarray:
 
 
 def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations: Sequence[Sequence[int]],
-                *, num_ranks: int, batch_size: int = 16, logits_fn: Callable | None = None) -> np.ndarray:
+                *, num_ranks: int, batch_size: int = 16, logits_fn: Callable | None = None,
+                ranks_out: list | None = None) -> np.ndarray:
   """Teacher-forced rank counts: [M+1, R+1]; row 0 is the backbone, row k head k.
 
   Args:
@@ -111,6 +116,9 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
     num_ranks: R; ranks >= R are counted together in the last column.
     batch_size: sequences per forward.
     logits_fn: ``heads.logits``-compatible function (a test hook); ``heads.logits`` by default.
+    ranks_out: if a list, the heads' ranks at every position whose head-1 target lies inside the
+      generated text are appended to it as [n, M] arrays (R where a rank is >= R or the target lies
+      beyond the text): the joint measurements ``tree.grow_tree`` can use.
   """
   logits_fn = logits_fn or heads_lib.logits
   M, V = hcfg.num_heads, cfg.vocab_size
@@ -153,8 +161,12 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
     for c in range(0, J, C):
       if not valid[:, c:c + C].any():
         continue
-      ranks = ranks_of(params, hidden[:, c:c + C], jnp.asarray(targets[:, c:c + C]))
-      counts += rank_histogram(np.asarray(ranks), valid[:, c:c + C], num_ranks)
+      ranks = np.asarray(ranks_of(params, hidden[:, c:c + C], jnp.asarray(targets[:, c:c + C])))
+      counts += rank_histogram(ranks, valid[:, c:c + C], num_ranks)
+      if ranks_out is not None:
+        v = valid[:, c:c + C]
+        heads_ranks = np.where(v[..., 1:], np.minimum(ranks[..., 1:], num_ranks), num_ranks)
+        ranks_out.append(heads_ranks[v[..., 1]])
   return counts
 
 
@@ -162,15 +174,17 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
 # Tree sizes and step costs
 # ----------------------------------------------------------------------------------------------
 
-def grow(accuracy_MxR: np.ndarray, max_nodes: int) -> tuple[list[list[int]], list[float]]:
+def grow(accuracy_MxR: np.ndarray, max_nodes: int, ranks_NxM: np.ndarray | None = None
+         ) -> tuple[list[list[int]], list[float]]:
   """The greedy tree of ``max_nodes`` nodes and the expected tokens/step of every size 1..max_nodes.
 
   ``expected[n-1]`` is the size-n tree's value (size 1, the root alone, is vanilla decoding: 1.0);
-  its paths are ``choices[:n-1]``.
+  its paths are ``choices[:n-1]``. With ``ranks_NxM`` node values are measured path frequencies
+  (``tree.grow_tree``), else products of per-head accuracies.
   """
   if max_nodes < 2:
     return [], [1.0]
-  choices, lengths = tree_lib.grow_tree(accuracy_MxR, max_nodes)
+  choices, lengths = tree_lib.grow_tree(accuracy_MxR, max_nodes, ranks_NxM)
   return choices, [1.0] + [float(x) for x in lengths]
 
 
@@ -231,7 +245,7 @@ def best_size(rows: Sequence[dict]) -> int:
 def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, max_nodes: int = 64,
               num_prompts: int = 32, max_new_tokens: int = 128, num_ranks: int = 10, batch_size: int = 16,
               sizes: Sequence[int] = DEFAULT_SIZES, runs: int = 10, out: str | None = None, plot: bool = True,
-              sharegpt_path: str | None = None, source: str | None = None) -> dict:
+              sharegpt_path: str | None = None, source: str | None = None, estimate: str = "joint") -> dict:
   """Calibrates the heads of ``loaded`` and returns ``{'choices', 'meta', 'table', 'accuracy'}``.
 
   Args:
@@ -250,7 +264,12 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
     out: write the tree JSON here (and a PNG of the speedups beside it with ``plot``).
     sharegpt_path: a ShareGPT JSON file; the bundled ShareGPT V3 by default.
     source: what the heads are (e.g. the checkpoint path), recorded in the metadata.
+    estimate: how a path's acceptance is estimated: 'joint' (the measured frequency of the whole
+      path) or 'product' (DESIGN.md's product of per-head accuracies, which assumes heads err
+      independently and underrates deep paths).
   """
+  if estimate not in ESTIMATES:
+    raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
   cfg, hcfg, tok = loaded.cfg, loaded.heads, loaded.tokenizer
   if tok is None:
     raise ValueError(f"Model {config.model!r} has no tokenizer: calibration needs its chat template.")
@@ -276,7 +295,9 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
   _log.info("Generated %d tokens for %d prompts in %.1f s.", sum(map(len, generations)), len(prompts), gen_s)
 
   # --- accuracies and the greedy tree ----------------------------------------------------------
-  counts = rank_counts(cfg, hcfg, loaded.params, token_lists, generations, num_ranks=num_ranks, batch_size=B)
+  measured_ranks: list = []
+  counts = rank_counts(cfg, hcfg, loaded.params, token_lists, generations, num_ranks=num_ranks, batch_size=B,
+                       ranks_out=measured_ranks)
   table = accuracy_table(counts)
   backbone_top1, accuracy = float(table[0, 0]), table[1:]
   if backbone_top1 < 0.99:
@@ -284,7 +305,8 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
     # means the targets are misaligned.
     _log.warning("The backbone's teacher-forced top-1 agrees with its own greedy output only %.3f of "
                  "the time.", backbone_top1)
-  choices, expected = grow(accuracy, top)
+  joint = np.concatenate(measured_ranks) if estimate == "joint" and measured_ranks else None
+  choices, expected = grow(accuracy, top, joint)
 
   # --- step costs on this hardware ---------------------------------------------------------------
   measured = sorted({s for s in sizes if 1 <= s <= top} | {1, top} | ({int(num_nodes)} if num_nodes else set()))
@@ -307,6 +329,7 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
       "head_topk_accuracy": cum[:, :5].tolist(),       # cumulative top-1..5
       "backbone_top1": backbone_top1,
       "positions_per_head": counts[1:].sum(axis=1).tolist(),
+      "estimate": "joint" if joint is not None else "product",
       "calibration": {"prompts": len(prompts), "split": "sharegpt heldout",
                       "heldout_fraction": float(config.data.heldout_fraction), "max_new_tokens": max_new_tokens,
                       "num_ranks": num_ranks, "generated_tokens": sum(map(len, generations)),
@@ -346,7 +369,8 @@ def _plot(path: str, rows: Sequence[dict], expected: Sequence[float], chosen: in
 def print_report(result: dict) -> None:
   meta = result["meta"]
   acc = np.asarray(meta["head_topk_accuracy"])
-  print(f"per-head accuracy on {meta['calibration']['prompts']} held-out prompts "
+  print(f"path values: {meta.get('estimate', 'product')}; "
+        f"per-head accuracy on {meta['calibration']['prompts']} held-out prompts "
         f"(backbone top-1 check: {meta['backbone_top1']:.3f}):")
   for k, (row, n) in enumerate(zip(acc, meta["positions_per_head"]), 1):
     print(f"  head {k}: top-1 {row[0]:.3f}  top-5 {row[min(4, len(row) - 1)]:.3f}  ({n} positions)")
@@ -382,7 +406,7 @@ def main(argv):
       config, loaded, num_nodes=0 if nodes == "auto" else int(nodes), max_nodes=f.max_nodes,
       num_prompts=f.num_prompts, max_new_tokens=max_new, num_ranks=f.num_ranks, batch_size=f.batch_size,
       sizes=[int(s) for s in f.sizes], runs=f.runs, out=f.out, plot=f.plot,
-      source=cli.CHECKPOINT.value or cli.HEADS.value)
+      source=cli.CHECKPOINT.value or cli.HEADS.value, estimate=f.estimate)
   print_report(result)
   if f.out:
     print(f"  wrote {f.out}" + (f" and {result['plot']}" if result.get("plot") else ""))
@@ -399,6 +423,9 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_ranks", 10, "Ranks per head in the accuracy table.")
   flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
   flags.DEFINE_list("sizes", [str(s) for s in DEFAULT_SIZES], "Tree sizes whose step cost is measured.")
+  flags.DEFINE_enum("estimate", "joint", list(ESTIMATES), "How a tree path's acceptance is estimated: "
+                    "'joint' = measured frequency of the whole path, 'product' = product of per-head "
+                    "accuracies (DESIGN.md; assumes independent heads, underrates deep paths).")
   flags.DEFINE_integer("runs", 10, "Timed steps per size (the median is used).")
   flags.DEFINE_string("out", None, "Write the tree JSON here (loadable with --tree FILE).")
   flags.DEFINE_bool("plot", True, "Also save a PNG of the expected speedup next to --out.")

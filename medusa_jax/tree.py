@@ -354,13 +354,20 @@ def save_choices(path: str | os.PathLike, choices: Sequence[Sequence[int]],
 # ---------------------------------------------------------------------------------------------
 
 
-def grow_tree(accuracy_MxR: np.ndarray, num_nodes: int) -> tuple[list[list[int]], list[float]]:
+def grow_tree(accuracy_MxR: np.ndarray, num_nodes: int, ranks_NxM: np.ndarray | None = None
+              ) -> tuple[list[list[int]], list[float]]:
   """Grows the tree of ``num_nodes`` nodes (root included) that greedily maximises acceptance.
 
   ``accuracy_MxR[k, r]`` is how often head k+1's rank-r token equals the token generated k+2
   steps later. A node's value is the product of the accuracies along its path, i.e. (assuming
   heads err independently) the probability that the whole path is accepted, so the expected
   accepted length of a tree is 1 (the backbone's own token) + the sum of its node values.
+
+  With ``ranks_NxM`` (the rank of the right token under each head at N measured positions, any
+  value >= R for a miss) a node's value is instead the measured frequency of its whole path: the
+  fraction of positions where head i's right token had rank ``path[i]`` for every i. Heads do not
+  err independently (when head 1 is right, head 2 is right far more often than on average), so
+  the product underrates deep paths and grows trees that are too wide and shallow.
 
   Starting from the root, each step adds the most valuable node among the next sibling and the
   first child of every chosen node. Ties go to the shorter, then lexicographically smaller path,
@@ -380,8 +387,16 @@ def grow_tree(accuracy_MxR: np.ndarray, num_nodes: int) -> tuple[list[list[int]]
   if num_nodes < 2:
     raise ValueError(f"num_nodes counts the root and must be >= 2, got {num_nodes}")
 
-  def value_of(path):
-    return float(np.prod([acc[i, r] for i, r in enumerate(path)]))
+  if ranks_NxM is not None:
+    ranks = np.asarray(ranks_NxM)
+    if ranks.ndim != 2 or ranks.shape[1] != num_heads or not len(ranks):
+      raise ValueError(f"ranks must be a non-empty [N, {num_heads}] array, got shape {ranks.shape}")
+
+    def value_of(path):
+      return float(np.mean(np.all(ranks[:, :len(path)] == np.asarray(path), axis=1)))
+  else:
+    def value_of(path):
+      return float(np.prod([acc[i, r] for i, r in enumerate(path)]))
 
   frontier = [(-value_of((0,)), 1, (0,))]
   choices, lengths, total = [], [], 1.0

@@ -40,8 +40,11 @@ def test_rank_counts_with_known_head_ranks(tiny):
   gens = [[5, 6, 8, 9, 7], [7, 8, 9], [30]]
   # Head 1 (c=5): targets 6,8,9,7 | 8,9 | (none) -> ranks 1,3,4,2 | 3,4.
   # Head 2 (c=7): targets 8,9,7 | 9 | (none) -> ranks 1,2,0 | 2.
+  joint = []
   counts = calibrate.rank_counts(cfg, hcfg, params, prompts, gens, num_ranks=3, batch_size=2,
-                                 logits_fn=fake_logits)
+                                 logits_fn=fake_logits, ranks_out=joint)
+  # Joint ranks at the positions with a head-1 target (3 = beyond the table or the text).
+  np.testing.assert_array_equal(np.concatenate(joint), [[1, 1], [3, 2], [3, 0], [2, 3], [3, 2], [3, 3]])
   np.testing.assert_array_equal(counts[1], [0, 1, 1, 4])
   np.testing.assert_array_equal(counts[2], [1, 1, 2, 0])
   assert counts[0].sum() == 9  # the backbone: one target per generated token

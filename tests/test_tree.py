@@ -215,6 +215,21 @@ def test_grow_tree_hand_example():
     tree.grow_tree(acc, num_nodes=8)
 
 
+def test_grow_tree_joint_hand_example():
+  """Measured path frequencies instead of products: heads that are right together grow a chain."""
+  # 10 positions, ranks of the right token under heads 1 and 2 (2 = a miss, beyond the table).
+  ranks = np.array([[0, 0]] * 4 + [[0, 2]] + [[1, 0]] + [[1, 2]] + [[2, 2]] * 3)
+  acc = np.array([[0.5, 0.2], [0.5, 0.0]])  # the per-head (marginal) frequencies of the same data
+  # Joint values: [0] .5, [0,0] .4, [1] .2, [1,0] .1, [0,1] 0, [1,1] 0.
+  # The product would value [0,0] at .5 * .5 = .25 and [1,0] at .2 * .5 = .1.
+  choices, lengths = tree.grow_tree(acc, num_nodes=5, ranks_NxM=ranks)
+  assert choices == [[0], [0, 0], [1], [1, 0]]
+  np.testing.assert_allclose(lengths, [1.5, 1.9, 2.1, 2.2])
+  np.testing.assert_allclose(tree.grow_tree(acc, num_nodes=3)[1], [1.5, 1.75])
+  with pytest.raises(ValueError, match=r"\[N, 2\]"):
+    tree.grow_tree(acc, 3, ranks_NxM=np.zeros((4, 3), int))
+
+
 def test_grow_tree_builds_and_is_greedy_optimal_prefix():
   rng = np.random.default_rng(0)
   acc = np.sort(rng.uniform(0, 0.8, size=(4, 10)), axis=1)[:, ::-1]
