@@ -15,7 +15,7 @@ Every array has a logical axis-name tuple in a parallel pytree (``model.param_ax
 ``heads.param_axes``); ``sharding.py`` maps logical names to mesh axes with rules from the config.
 
 The KV cache is an explicit fixed-capacity pytree (``model.init_cache``): per layer ``k``/``v``
-of shape [B, S, K, E] plus ``index`` [B] int32, the number of valid rows of each sequence.
+of shape [B, K, S, E] plus ``index`` [B] int32, the number of valid rows of each sequence.
 ``model.forward`` writes the L new tokens at rows ``index[b] .. index[b]+L-1`` and takes the
 positions (for RoPE) and the [B, L, S] attention mask as inputs, so a Medusa tree verification is
 an ordinary forward with a tree mask.

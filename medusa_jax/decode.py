@@ -348,8 +348,24 @@ def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_Bx1xD):
   hcfg = dataclasses.replace(spec.heads, num_heads=depth)
   shared = ("vocab_ids",) + (("draft_w",) if spec.heads.shared_lm_head else ())
   medusa = {k: (v if k in shared else v[:depth]) for k, v in params["medusa"].items()}
-  logits_BxMxV = heads_lib.subset_logits(hcfg, cfg, {"base": params["base"], "medusa": medusa},
-                                         hidden_Bx1xD)[:, 0]
+  if spec.heads.shared_lm_head and (spec.heads.draft_vocab or cfg.tie_embeddings):
+    # One [V', D] projection shared by the heads: computed vocabulary-major (the weight as the left
+    # operand), which XLA-CPU runs without repacking the weight; as x @ w.T with a row per head it
+    # repacked the whole transposed [V', D] weight on every step.
+    if not spec.heads.draft_vocab:
+      w_VxD = params["base"]["embed"]
+    elif "draft_w" in medusa:
+      w_VxD = medusa["draft_w"]
+    else:  # the prefill: params not yet through prepare_for_decoding
+      w_VxD = heads_lib.draft_weight(hcfg, cfg, {"base": params["base"], "medusa": medusa})
+    dt = cfg.compute_dtype
+    x_BxMxD = heads_lib.head_states(hcfg, cfg, medusa, hidden_Bx1xD)[:, 0]
+    logits_VxBxM = jnp.einsum("vd,bmd->vbm", w_VxD.astype(dt), x_BxMxD.astype(dt),
+                              preferred_element_type=model_lib.accum_dtype(dt))
+    logits_BxMxV = jnp.transpose(logits_VxBxM, (1, 2, 0))  # small: [V', B, M]
+  else:
+    logits_BxMxV = heads_lib.subset_logits(hcfg, cfg, {"base": params["base"], "medusa": medusa},
+                                           hidden_Bx1xD)[:, 0]
   parts = []
   for m, k in enumerate(spec.tree.segment_topk):
     idx = (jnp.argmax(logits_BxMxV[:, m], axis=-1)[:, None] if k == 1
@@ -427,14 +443,28 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
   tokens_BxN = flat[:, jnp.asarray(tree.tree_indices)]
   positions = idx[:, None] + jnp.asarray(tree.depths)[None, :]
   mask = model_lib.cache_tree_mask(idx, tree.attn_mask, S)
-  logits_BxNxV, hidden_BxNxD, cache = model_lib.forward(cfg, params["base"], tokens_BxN, positions, mask, cache)
+  # Greedy verification needs only each node's argmax: no [B, N, V] logits are materialised.
+  greedy = spec.acceptance == "greedy" or sampling.temperature <= 0
+  logits_BxNxV, hidden_BxNxD, cache = model_lib.forward(cfg, params["base"], tokens_BxN, positions, mask, cache,
+                                                        logits=not greedy)
 
   # --- acceptance ---------------------------------------------------------------------------------
   paths = jnp.asarray(tree.paths)            # [C, A+1] node ids, root first
   valid = jnp.asarray(tree.path_valid)[:, 1:]
   path_tokens = tokens_BxN[:, paths]         # [B, C, A+1]
   rng, sub = jax.random.split(state.rng)
-  if spec.acceptance == "sample" and sampling.temperature > 0:
+  if greedy:
+    # Node i's candidate is accepted iff it is its parent's argmax; comparing per node [B, N] argmaxes
+    # gives the same acceptance as comparing each path's gathered [B, C, A, V] parent logits.
+    top_BxN = model_lib.greedy_tokens(cfg, params["base"], hidden_BxNxD)
+    ok = top_BxN[:, paths[:, :-1]] == path_tokens[:, :, 1:]
+    run = jnp.cumprod((ok & valid[None]).astype(jnp.int32), axis=-1)  # accepted prefix per path
+    length = run.sum(-1, dtype=jnp.int32)  # [B, C]; int32 like the cache index, also under x64
+    best = jnp.argmax(length, axis=-1)  # the longest, the first in path order among equals
+    count = jnp.take_along_axis(length, best[:, None], 1)[:, 0]
+    last_node = paths[best, count]
+    bonus = top_BxN[b_idx, last_node]
+  elif spec.acceptance == "sample":
     # The walk targets plain sampling's distribution, nucleus included (already divided by T).
     count, last_node, bonus = _exact_sample_walk(tree, sampling_logits(logits_BxNxV, sampling), tokens_BxN,
                                                  sub, 1.0, spec.exact_renormalise)
@@ -442,13 +472,9 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
     on_path = (paths == last_node[:, None, None]).any(-1)  # [B, C]
     best = jnp.argmax(on_path, axis=-1)
   else:
-    parent_logits = logits_BxNxV[:, paths[:, :-1]]  # [B, C, A, V]
-    if spec.acceptance == "typical" and sampling.temperature > 0:
-      ok, logp = _typical_ok(parent_logits, path_tokens[:, :, 1:], sampling.temperature,
-                             spec.typical_epsilon, spec.typical_delta)
-    else:
-      ok = jnp.argmax(parent_logits, axis=-1) == path_tokens[:, :, 1:]
-      logp = jnp.zeros(ok.shape, jnp.float32)
+    parent_logits = logits_BxNxV[:, paths[:, :-1]]  # [B, C, A, V]  (typical acceptance)
+    ok, logp = _typical_ok(parent_logits, path_tokens[:, :, 1:], sampling.temperature,
+                           spec.typical_epsilon, spec.typical_delta)
     run = jnp.cumprod((ok & valid[None]).astype(jnp.int32), axis=-1)  # accepted prefix per path
     length = run.sum(-1, dtype=jnp.int32)  # [B, C]; int32 like the cache index, also under x64
     # Longest path; ties broken by the larger sum of log p over the accepted tokens.
@@ -457,11 +483,7 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
     best = jnp.argmax(jnp.where(length == best_len, score, -jnp.inf), axis=-1)
     count = jnp.take_along_axis(length, best[:, None], 1)[:, 0]
     last_node = paths[best, count]
-    last_logits = logits_BxNxV[b_idx, last_node]
-    if spec.acceptance == "typical" and sampling.temperature > 0:
-      bonus = sample_logits(last_logits, sub, sampling)
-    else:
-      bonus = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
+    bonus = sample_logits(logits_BxNxV[b_idx, last_node], sub, sampling)
 
   # --- commit: move the accepted path's K/V rows right after the prefix ---------------------------
   best_nodes = paths[best]                      # [B, A+1]
@@ -470,10 +492,14 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
   def move(c):
     # Read back only the N rows this step wrote, pick the path's, write them after the prefix:
     # gathering from the whole cache made XLA-CPU transpose-copy every layer's cache each step.
-    written = jax.vmap(lambda cb, i: jax.lax.dynamic_slice_in_dim(cb, i, N, axis=0))(c, idx)
-    rows = jnp.take_along_axis(written, best_nodes[:, :, None, None], axis=1)
+    written = jax.vmap(lambda cb, i: jax.lax.dynamic_slice_in_dim(cb, i, N, axis=1))(c, idx)  # [B, K, N, E]
+    rows = jnp.take_along_axis(written, best_nodes[:, None, :, None], axis=2)  # [B, K, A+1, E]
     return model_lib._write_rows(c, rows, idx)  # pylint: disable=protected-access
-  layers = [{"k": move(l["k"]), "v": move(l["v"])} for l in cache["layers"]]
+  if tree.num_paths == 1 and np.array_equal(tree.paths[0], np.arange(tree.paths.shape[1])):
+    layers = cache["layers"]  # a chain: the accepted nodes 0..count already follow the prefix
+  else:
+    # (Skipping it with a lax.cond when nothing moves made XLA-CPU copy every cache array 3 times.)
+    layers = [{"k": move(l["k"]), "v": move(l["v"])} for l in cache["layers"]]
   live = ~state.done_B
   cache = {"layers": layers, "index": idx + jnp.where(live, count + 1, 0)}
 

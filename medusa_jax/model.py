@@ -138,17 +138,38 @@ def project_logits(cfg: ModelConfig, base: Params, hidden: jax.Array) -> jax.Arr
                     preferred_element_type=accum_dtype(cfg.compute_dtype))
 
 
+def greedy_tokens(cfg: ModelConfig, base: Params, hidden: jax.Array) -> jax.Array:
+  """``argmax(project_logits(...), -1)`` as [B, L] int32, for callers that need only the argmax.
+
+  With tied embeddings the [V, D] embedding is the matmul's left operand and the logits come out
+  vocabulary-major ([V, B, L]), reduced over V where they are: as ``x @ embed.T`` with more than one
+  row, XLA-CPU repacked the whole transposed embedding on every call (3x the time of one read of it
+  at L = 4, the bulk of a small Medusa tree's extra cost over a one-token step).
+  """
+  dt, acc = cfg.compute_dtype, accum_dtype(cfg.compute_dtype)
+  if not cfg.tie_embeddings:
+    return jnp.argmax(project_logits(cfg, base, hidden), axis=-1).astype(jnp.int32)
+  logits_VxBxL = jnp.einsum("vd,bld->vbl", base["embed"].astype(dt), hidden.astype(dt),
+                            preferred_element_type=acc)
+  return jnp.argmax(logits_VxBxL, axis=0).astype(jnp.int32)
+
+
 # ----------------------------------------------------------------------------------------------
 # KV cache
 # ----------------------------------------------------------------------------------------------
 
-CACHE_AXES = ("batch", "cache_len", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "cache_len", "head_dim")
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> Cache:
-  """An empty fixed-capacity cache: per layer k/v [B, S, K, E] and the valid length per sequence."""
+  """An empty fixed-capacity cache: per layer k/v [B, K, S, E] and the valid length per sequence.
+
+  Rows are the second-to-last axis so that each (sequence, kv head) is one contiguous [S, E] matrix:
+  both attention matmuls then read the cache in place. With [B, S, K, E] XLA-CPU transpose-copied
+  every layer's k and v to this order on every step (at batch 32 that was most of a decode step).
+  """
   dtype = dtype or cfg.compute_dtype
-  shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
   layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
   return {"layers": layers, "index": jnp.zeros((batch,), jnp.int32)}
 
@@ -159,30 +180,23 @@ def cache_axes(cfg: ModelConfig) -> dict:
 
 
 def cache_capacity(cache: Cache) -> int:
-  return cache["layers"][0]["k"].shape[1]
+  return cache["layers"][0]["k"].shape[2]
 
 
-def _write_rows(cache_BxSxKxE, new_BxLxKxE, index_B):
+def _write_rows(cache_BxKxSxE, new_BxKxLxE, index_B):
   """Writes each sequence's L new rows at its own offset (rows index[b] .. index[b]+L-1).
 
-  For the usual small batches: one dynamic-update-slice per sequence, which XLA performs in place
-  on the donated cache (a vmapped update becomes a scatter that XLA-CPU runs on a transposed copy of
-  the cache). Very large batches (statistical tests) use the vmapped form to keep the program small.
+  One scatter, which XLA-CPU performs in place on the donated cache. A dynamic-update-slice per
+  sequence is also in place, but at batch 1 XLA fused a second copy of it into the attention matmul's
+  operand and then copied the whole cache (several times per layer) to keep the two apart.
+  Rows must lie inside the cache (callers check the room before a step).
   """
-  new = new_BxLxKxE.astype(cache_BxSxKxE.dtype)
-  B = cache_BxSxKxE.shape[0]
-  if B > _UNROLL_WRITES_UP_TO:
-    # in_dim builds the other start indices in the index's dtype (int32 even under x64).
-    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(
-        cache_BxSxKxE, new, index_B)
-  zero = jnp.zeros((), index_B.dtype)
-  for b in range(B):
-    cache_BxSxKxE = jax.lax.dynamic_update_slice(cache_BxSxKxE, new[b:b + 1],
-                                                 (jnp.asarray(b, index_B.dtype), index_B[b], zero, zero))
-  return cache_BxSxKxE
-
-
-_UNROLL_WRITES_UP_TO = 64
+  B, K, L, _ = new_BxKxLxE.shape
+  rows_Bx1xL = (index_B[:, None] + jnp.arange(L, dtype=index_B.dtype)[None, :])[:, None, :]
+  b_Bx1x1 = jnp.arange(B, dtype=index_B.dtype)[:, None, None]
+  k_1xKx1 = jnp.arange(K, dtype=index_B.dtype)[None, :, None]
+  return cache_BxKxSxE.at[b_Bx1x1, k_1xKx1, rows_Bx1xL].set(
+      new_BxKxLxE.astype(cache_BxKxSxE.dtype), indices_are_sorted=True, unique_indices=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,16 +242,25 @@ def apply_rope(x_BxLxNxE, positions_BxL, inv_freq):
   return out.astype(x_BxLxNxE.dtype)
 
 
-def _attention(cfg, q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
+def _attention(cfg, q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS):
+  """Grouped-query attention over the cache; one [G*L, E] x [E, S] matmul per (sequence, kv head).
+
+  The G query heads sharing a kv head and the L new tokens are merged into one matmul row axis
+  (M = G*L) so that both matmuls are plain batched [b, k] matmuls with the cache operand read in
+  place; with g and l as separate free axes XLA-CPU's dot ran several times slower.
+  """
   B, L, H, E = q_BxLxHxE.shape
   K = cfg.num_kv_heads
-  q = q_BxLxHxE.reshape(B, L, K, H // K, E)
+  G = H // K
+  S = k_BxKxSxE.shape[2]
+  q = q_BxLxHxE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, E)
   acc = accum_dtype(q.dtype)
-  scores = jnp.einsum("blkge,bske->bkgls", q, k_BxSxKxE, preferred_element_type=acc)
-  scores = scores / math.sqrt(E)
+  scores = jnp.einsum("bkme,bkse->bkms", q, k_BxKxSxE, preferred_element_type=acc)
+  scores = scores.reshape(B, K, G, L, S) / math.sqrt(E)
   scores = jnp.where(mask_BxLxS[:, None, None, :, :], scores, jnp.finfo(acc).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
-  out = jnp.einsum("bkgls,bske->blkge", probs, v_BxSxKxE, preferred_element_type=acc)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxE.dtype).reshape(B, K, G * L, S)
+  out = jnp.einsum("bkms,bkse->bkme", probs, v_BxKxSxE, preferred_element_type=acc)
+  out = out.reshape(B, K, G, L, E).transpose(0, 3, 1, 2, 4)
   return out.reshape(B, L, H, E).astype(q_BxLxHxE.dtype)
 
 
@@ -253,10 +276,10 @@ def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv
   k = apply_rope(k, positions_BxL, inv_freq)
   if layer_cache is None:  # training / no cache: attend over the L new tokens only.
     new_cache = None
-    k_all, v_all = k, v
+    k_all, v_all = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   else:
-    k_all = _write_rows(layer_cache["k"], k, index_B)
-    v_all = _write_rows(layer_cache["v"], v, index_B)
+    k_all = _write_rows(layer_cache["k"], k.transpose(0, 2, 1, 3), index_B)  # [B, K, L, E]
+    v_all = _write_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index_B)
     new_cache = {"k": k_all, "v": v_all}
   attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), mask_BxLxS)
   # As one [B*L, H*E] x [H*E, D] matmul: the two-axis einsum made XLA-CPU copy a transposed wo each step.

@@ -272,6 +272,32 @@ def test_greedy_medusa_equals_greedy_smollm2(smollm2):
   assert int(mstate.steps) < int(vstate.steps)
 
 
+@pytest.mark.parametrize("tie,draft_vocab,shared", [(True, 0, True), (True, 24, True), (False, 24, True),
+                                                     (False, 0, True), (True, 24, False)])
+def test_head_candidates_match_subset_logits(tie, draft_vocab, shared):
+  """head_candidates' vocabulary-major projection picks what top-k of heads.subset_logits picks,
+  before (prefill) and after prepare_for_decoding."""
+  cfg = TINY.replace(tie_embeddings=tie)
+  base = _scaled_params(cfg, 3, 20.0)
+  hcfg = HeadsConfig(num_heads=3, shared_lm_head=shared, draft_vocab=draft_vocab)
+  medusa = heads_lib.init_params(hcfg, cfg, base)
+  medusa["w"] = jax.random.normal(jax.random.PRNGKey(4), medusa["w"].shape) * 0.3
+  if draft_vocab:
+    medusa["vocab_ids"] = jnp.asarray(np.sort(np.random.default_rng(5).choice(cfg.vocab_size, draft_vocab, False)),
+                                      jnp.int32)
+  params = {"base": base, "medusa": medusa}
+  spec = decode.MedusaSpec(heads=hcfg, tree=tree_lib.resolve("dense:3,2", 3))
+  hidden = jax.random.normal(jax.random.PRNGKey(6), (2, 1, cfg.dim))
+  sub = heads_lib.subset_logits(HeadsConfig(num_heads=2, shared_lm_head=shared, draft_vocab=draft_vocab), cfg,
+                                {"base": base, "medusa": {k: (v if k == "vocab_ids" else v[:2])
+                                                          for k, v in medusa.items()}}, hidden)[:, 0]
+  want = jnp.concatenate([jax.lax.top_k(sub[:, m], k)[1] for m, k in enumerate(spec.tree.segment_topk)], -1)
+  if draft_vocab:
+    want = medusa["vocab_ids"][want]
+  for p in (params, heads_lib.prepare_for_decoding(hcfg, cfg, params)):
+    np.testing.assert_array_equal(np.asarray(decode.head_candidates(spec, cfg, p, hidden)), np.asarray(want))
+
+
 # ----------------------------------------------------------------------------------------------
 # Typical acceptance against NumPy
 # ----------------------------------------------------------------------------------------------
@@ -350,8 +376,8 @@ def test_typical_step_selection_matches_numpy(monkeypatch):
 
   def fake_forward(cfg_, base_, tokens_BxN, positions, mask, cache, **_):
     del cfg_, base_, tokens_BxN, positions, mask  # the tree's inputs are pinned by the tests above
-    stamp = jnp.broadcast_to((100.0 + jnp.arange(N, dtype=jnp.float32))[None, :, None, None],
-                             (B, N, cfg.num_kv_heads, cfg.head_dim))
+    stamp = jnp.broadcast_to((100.0 + jnp.arange(N, dtype=jnp.float32))[None, None, :, None],
+                             (B, cfg.num_kv_heads, N, cfg.head_dim))
     layers = [{"k": model_lib._write_rows(l["k"], stamp, cache["index"]),
                "v": model_lib._write_rows(l["v"], -stamp, cache["index"])} for l in cache["layers"]]
     return jnp.asarray(logits), jnp.asarray(hidden), {"layers": layers, "index": cache["index"]}
@@ -387,7 +413,7 @@ def test_typical_step_selection_matches_numpy(monkeypatch):
     np.testing.assert_array_equal(emitted[:count], tokens[b, accepted[1:]])
     assert int(new.cache["index"][b]) == idx[b] + count + 1
     # The accepted nodes' K/V rows now follow the prefix, in path order.
-    rows = np.asarray(new.cache["layers"][0]["k"][b, idx[b]:idx[b] + count + 1, 0, 0])
+    rows = np.asarray(new.cache["layers"][0]["k"][b, 0, idx[b]:idx[b] + count + 1, 0])
     np.testing.assert_array_equal(rows, 100.0 + accepted)
     # The next candidates come from the heads at the last accepted node.
     want_next = decode.head_candidates(spec, cfg, params, jnp.asarray(hidden[b:b + 1, accepted[-1]][:, None]))

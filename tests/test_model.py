@@ -52,7 +52,7 @@ def test_big_config_shapes(cfg, num_params):
   B, L, S = 2, 16, 64
   cache = jax.eval_shape(lambda: model_lib.init_cache(cfg, B, S))
   assert len(cache["layers"]) == cfg.num_layers
-  assert cache["layers"][0]["k"].shape == (B, S, cfg.num_kv_heads, cfg.head_dim)
+  assert cache["layers"][0]["k"].shape == (B, cfg.num_kv_heads, S, cfg.head_dim)
   assert cache["index"].shape == (B,) and cache["index"].dtype == jnp.int32
 
   def fwd(base, cache):
