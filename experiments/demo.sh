@@ -7,21 +7,31 @@ PY=${PY:-.venv/bin/python}
 CONFIG=${CONFIG:-configs/smollm2_medusa1.py}
 WORK=${WORK:-runs/smollm2_medusa1}
 mkdir -p "$WORK"
+SECONDS=0
+elapsed() { printf '   (%dm%02ds since the start)\n' $((SECONDS / 60)) $((SECONDS % 60)); }
 
 echo "== 1/5 self-distillation: SmolLM2 answers ShareGPT prompts (train split only)"
 $PY -m medusa_jax.distill --config "$CONFIG"
 
+elapsed
 echo "== 2/5 Medusa-1 training (frozen backbone) -> $WORK"
 $PY -m medusa_jax.train --config "$CONFIG" --workdir "$WORK"
 
+elapsed
 echo "== 3/5 tree calibration on held-out ShareGPT prompts, sized by this machine's step costs"
-$PY -m medusa_jax.calibrate --config "$CONFIG" --checkpoint "$WORK/export" --nodes 0 --out "$WORK/tree.json"
+# CPU trees are small: measure the step cost at every size up to 16 nodes instead of powers of two up to 64.
+$PY -m medusa_jax.calibrate --config "$CONFIG" --checkpoint "$WORK/export" --nodes 0 --max_nodes 16 \
+    --sizes 1,2,3,4,5,6,8,10,12,16 --out "$WORK/tree.json"
 
+elapsed
 echo "== 4/5 benchmark: 10 MT-Bench questions x 128 tokens, vanilla vs Medusa, greedy"
 $PY -m medusa_jax.benchmark --config "$CONFIG" --checkpoint "$WORK/export" --tree "$WORK/tree.json" \
     --modes vanilla,medusa --prompts mt_bench --num_prompts 10 --max_new_tokens 128 --out "$WORK/results_mt_bench.json"
 
+elapsed
 echo "== 5/5 the same on 10 held-out ShareGPT prompts that neither training nor calibration read"
 $PY -m medusa_jax.benchmark --config "$CONFIG" --checkpoint "$WORK/export" --tree "$WORK/tree.json" \
     --modes vanilla,medusa --prompts sharegpt_heldout --num_prompts 10 --max_new_tokens 128 \
     --out "$WORK/results_heldout.json"
+elapsed
+echo "== done: results in $WORK (results_*.json, tree.json/png, TensorBoard logs)"
