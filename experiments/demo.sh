@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the whole Medusa-1 pipeline on the embedded default (SmolLM2-135M-Instruct + ShareGPT),
-# about an hour on a 2-core CPU. Each step resumes or reuses its output when run again.
+# about 40 minutes on a 2-core CPU. Each step resumes or reuses its output when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
