@@ -20,7 +20,10 @@ Steps (DESIGN.md, "Optimised tree"):
    size 2..N, and its expected tokens per step (1 + sum of values). A node's value is by default
    the measured frequency of its whole path being right (``--estimate joint``); DESIGN.md's product
    of per-head accuracies (``--estimate product``) assumes heads err independently, which they do
-   not: it underrates deep paths and picks trees that are too shallow.
+   not: it underrates deep paths and picks trees that are too shallow. With joint measurements the
+   tokens per step of each size are then simulated by walking every generation as greedy decoding
+   would (``simulate_tokens_per_step``): accepted runs cluster, so a per-position average overrates
+   the per-step figure the benchmark measures.
 4. The cost of one decoding step is measured on this hardware for a few sizes (the vanilla step for
    1 node, the Medusa step with that tree otherwise: the tree-verification forward plus candidate
    selection, acceptance and the cache commit), batch 1, with a cache sized for the calibration
@@ -116,9 +119,10 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
     num_ranks: R; ranks >= R are counted together in the last column.
     batch_size: sequences per forward.
     logits_fn: ``heads.logits``-compatible function (a test hook); ``heads.logits`` by default.
-    ranks_out: if a list, the heads' ranks at every position whose head-1 target lies inside the
-      generated text are appended to it as [n, M] arrays (R where a rank is >= R or the target lies
-      beyond the text): the joint measurements ``tree.grow_tree`` can use.
+    ranks_out: if a list, one [n, M] array per sequence is appended to it: the heads' ranks at each
+      position whose head-1 target lies inside the generated text, in order (R where a rank is >= R
+      or the target lies beyond the text): the joint measurements ``tree.grow_tree`` and
+      ``simulate_tokens_per_step`` use.
   """
   logits_fn = logits_fn or heads_lib.logits
   M, V = hcfg.num_heads, cfg.vocab_size
@@ -158,16 +162,40 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
     gather = np.minimum(plen[:, None] - 1 + np.arange(J)[None, :], tokens.shape[1] - 1).astype(np.int32)
     hidden = hidden_at(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(gather))
     targets, valid = generation_targets(gens, M, J)
+    heads_ranks = np.full((B, J, M), num_ranks, np.int64)
     for c in range(0, J, C):
       if not valid[:, c:c + C].any():
         continue
       ranks = np.asarray(ranks_of(params, hidden[:, c:c + C], jnp.asarray(targets[:, c:c + C])))
       counts += rank_histogram(ranks, valid[:, c:c + C], num_ranks)
-      if ranks_out is not None:
-        v = valid[:, c:c + C]
-        heads_ranks = np.where(v[..., 1:], np.minimum(ranks[..., 1:], num_ranks), num_ranks)
-        ranks_out.append(heads_ranks[v[..., 1]])
+      v = valid[:, c:c + C, 1:]
+      heads_ranks[:, c:c + C] = np.where(v, np.minimum(ranks[..., 1:], num_ranks), num_ranks)
+    if ranks_out is not None:
+      ranks_out.extend(heads_ranks[b][valid[b, :, 1]] for b in range(len(rows)))
   return counts
+
+
+def simulate_tokens_per_step(ranks_per_sequence: Sequence[np.ndarray], choices: Sequence[Sequence[int]]) -> float:
+  """Tokens per step of greedy Medusa decoding with ``choices`` over the measured generations.
+
+  Decoding reads the heads only where a step ends: after accepting d tokens at position j the next
+  step starts at j + d + 1, so the positions inside an accepted run are never drafted from. Long
+  accepted runs cluster (repetitive stretches), so the average over *steps* is lower than the
+  average over *positions* that the node values sum to; walking each generation as decoding would
+  gives the figure the benchmark measures (teacher-forced ranks are what the heads see there).
+  """
+  tree = {tuple(c) for c in choices}
+  positions = steps = 0
+  for ranks in ranks_per_sequence:
+    n, j = len(ranks), 0
+    while j < n:
+      d = 0
+      while d < ranks.shape[1] and tuple(ranks[j, :d + 1]) in tree:
+        d += 1
+      j += d + 1
+      steps += 1
+    positions += n
+  return positions / steps if steps else 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +335,9 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
                  "the time.", backbone_top1)
   joint = np.concatenate(measured_ranks) if estimate == "joint" and measured_ranks else None
   choices, expected = grow(accuracy, top, joint)
+  if joint is not None:
+    # The node values sum to tokens per *position*; decoding averages over steps (see the function).
+    expected = [1.0] + [simulate_tokens_per_step(measured_ranks, choices[:n - 1]) for n in range(2, len(expected) + 1)]
 
   # --- step costs on this hardware ---------------------------------------------------------------
   measured = sorted({s for s in sizes if 1 <= s <= top} | {1, top} | ({int(num_nodes)} if num_nodes else set()))

@@ -52,6 +52,16 @@ def test_rank_counts_with_known_head_ranks(tiny):
   np.testing.assert_allclose(acc, [[0, 1 / 6, 1 / 6], [0.25, 0.25, 0.5]])
 
 
+def test_simulated_tokens_per_step_by_hand():
+  tree = [[0], [0, 0]]
+  # Sequence 1: position 0 accepts 2 (ranks 0, 0) -> next step at 3, which accepts 1 -> at 5, the
+  # end. 5 positions, 2 steps. Sequence 2: nothing accepted: 2 positions, 2 steps.
+  seqs = [np.array([[0, 0], [0, 0], [5, 5], [0, 1], [5, 5]]), np.array([[1, 0], [3, 3]])]
+  assert calibrate.simulate_tokens_per_step(seqs, tree) == pytest.approx(7 / 4)
+  # The per-position sum of node values would say 1 + 4/7 + 2/7 = 1.857.
+  assert calibrate.simulate_tokens_per_step(seqs, []) == 1.0
+
+
 def test_backbone_reproduces_its_greedy_output(tiny):
   """Teacher forcing lines up with decoding: the backbone ranks its own greedy tokens first."""
   cfg, params = tiny
