@@ -348,24 +348,19 @@ def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_Bx1xD):
   hcfg = dataclasses.replace(spec.heads, num_heads=depth)
   shared = ("vocab_ids",) + (("draft_w",) if spec.heads.shared_lm_head else ())
   medusa = {k: (v if k in shared else v[:depth]) for k, v in params["medusa"].items()}
-  if spec.heads.shared_lm_head and (spec.heads.draft_vocab or cfg.tie_embeddings):
+  sub_params = {"base": params["base"], "medusa": medusa}
+  w_VxD = heads_lib.shared_weight_VxD(hcfg, cfg, sub_params)
+  if w_VxD is not None:
     # One [V', D] projection shared by the heads: computed vocabulary-major (the weight as the left
     # operand), which XLA-CPU runs without repacking the weight; as x @ w.T with a row per head it
     # repacked the whole transposed [V', D] weight on every step.
-    if not spec.heads.draft_vocab:
-      w_VxD = params["base"]["embed"]
-    elif "draft_w" in medusa:
-      w_VxD = medusa["draft_w"]
-    else:  # the prefill: params not yet through prepare_for_decoding
-      w_VxD = heads_lib.draft_weight(hcfg, cfg, {"base": params["base"], "medusa": medusa})
     dt = cfg.compute_dtype
     x_BxMxD = heads_lib.head_states(hcfg, cfg, medusa, hidden_Bx1xD)[:, 0]
     logits_VxBxM = jnp.einsum("vd,bmd->vbm", w_VxD.astype(dt), x_BxMxD.astype(dt),
                               preferred_element_type=model_lib.accum_dtype(dt))
     logits_BxMxV = jnp.transpose(logits_VxBxM, (1, 2, 0))  # small: [V', B, M]
   else:
-    logits_BxMxV = heads_lib.subset_logits(hcfg, cfg, {"base": params["base"], "medusa": medusa},
-                                           hidden_Bx1xD)[:, 0]
+    logits_BxMxV = heads_lib.subset_logits(hcfg, cfg, sub_params, hidden_Bx1xD)[:, 0]
   parts = []
   for m, k in enumerate(spec.tree.segment_topk):
     idx = (jnp.argmax(logits_BxMxV[:, m], axis=-1)[:, None] if k == 1

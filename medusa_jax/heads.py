@@ -93,12 +93,8 @@ def subset_logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD):
   dt = cfg.compute_dtype
   acc = jnp.promote_types(dt, jnp.float32)
   if hcfg.draft_vocab:
-    w = params["medusa"].get("draft_w")
-    if w is None:
-      w = draft_weight(hcfg, cfg, params)
-    if hcfg.shared_lm_head:
-      return jnp.einsum("blmd,vd->blmv", x, w.astype(dt), preferred_element_type=acc)
-    return jnp.einsum("blmd,mvd->blmv", x, w.astype(dt), preferred_element_type=acc)
+    eq = "blmd,vd->blmv" if hcfg.shared_lm_head else "blmd,mvd->blmv"
+    return jnp.einsum(eq, x, _draft_w(hcfg, cfg, params).astype(dt), preferred_element_type=acc)
   if hcfg.shared_lm_head:
     w = model_lib.lm_head_weight(cfg, params["base"]).astype(dt)
     return jnp.einsum("blmd,dv->blmv", x, w, preferred_element_type=acc)
@@ -112,6 +108,24 @@ def draft_weight(hcfg: HeadsConfig, cfg: ModelConfig, params):
     base = params["base"]
     return base["embed"][ids] if cfg.tie_embeddings else jnp.take(base["lm_head"], ids, axis=1).T
   return jnp.swapaxes(jnp.take(params["medusa"]["lm_head"], ids, axis=2), 1, 2)
+
+
+def shared_weight_VxD(hcfg: HeadsConfig, cfg: ModelConfig, params):
+  """The LM projection all heads share as a row-major [V', D] matrix: the gathered draft rows, or
+  the tied embedding. None when the heads have their own projections or it exists only as an
+  untied [D, V] LM head."""
+  if not hcfg.shared_lm_head:
+    return None
+  if hcfg.draft_vocab:
+    return _draft_w(hcfg, cfg, params)
+  return params["base"]["embed"] if cfg.tie_embeddings else None
+
+
+def _draft_w(hcfg: HeadsConfig, cfg: ModelConfig, params):
+  """``draft_weight``, read from ``medusa/draft_w`` once ``prepare_for_decoding`` has gathered it
+  (training and the prefill gather it on the fly)."""
+  w = params["medusa"].get("draft_w")
+  return draft_weight(hcfg, cfg, params) if w is None else w
 
 
 def prepare_for_decoding(hcfg: HeadsConfig, cfg: ModelConfig, params):
