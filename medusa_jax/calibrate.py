@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax import cpu_kernels
 from medusa_jax import decode
 from medusa_jax import distill
 from medusa_jax import heads as heads_lib
@@ -227,6 +228,7 @@ def measure_step_costs(cfg, hcfg, params, choices: Sequence[Sequence[int]], size
   of machine noise hits all of them alike.
   """
   sampling = decode.Sampling(temperature=0.0, max_new_tokens=max_new_tokens)
+  params = cpu_kernels.decode_params(cfg, params)  # what the decoders run on (see decode.Decoder)
   steps, states = {}, {}
   for n in sizes:
     spec = None

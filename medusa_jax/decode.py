@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax import cpu_kernels
 from medusa_jax import model as model_lib
 from medusa_jax.model import ModelConfig
 
@@ -225,6 +226,7 @@ class Decoder:
     loop = lambda p, s: run_loop(functools.partial(step, self.prepare(p)), s, self.room)
     self._fns = (prefill_fn, step, loop)
     self._sharded = {}
+    self._packed = None  # (the backbone leaves it was made from, packed backbone)
     self._prefill = jax.jit(prefill_fn, static_argnames=("capacity",))
     # The cache is donated: each step updates it in place instead of copying S rows per layer.
     self._step = jax.jit(step, donate_argnums=(1,))
@@ -264,7 +266,19 @@ class Decoder:
         return fns
     raise ValueError("this state was not made by this decoder's start()")
 
+  def decode_params(self, params):
+    """``params`` with the CPU kernel's packed weight copies (``cpu_kernels.decode_params``), made
+    once per backbone and reused across calls; unchanged on a mesh, off CPU, or when disabled."""
+    if self.placement is not None or cpu_kernels.is_packed(params):
+      return params
+    leaves = jax.tree.leaves(params["base"])
+    if self._packed is None or len(self._packed[0]) != len(leaves) or any(
+        a is not b for a, b in zip(self._packed[0], leaves)):
+      self._packed = (leaves, cpu_kernels.decode_params(self.cfg, {"base": params["base"]})["base"])
+    return {**params, "base": self._packed[1]}
+
   def start(self, params, prompts: list[list[int]], rng=None) -> DecodeState:
+    params = self.decode_params(params)
     P, S = plan_cache(self.cfg, [len(p) for p in prompts], self.sampling.max_new_tokens, self.room)
     arr, lengths = pad_prompts(prompts, P)
     rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -276,6 +290,7 @@ class Decoder:
     return prefill_j(params, *args)
 
   def finish(self, params, state: DecodeState) -> DecodeState:
+    params = self.decode_params(params)
     if self.placement is None:
       return self._loop(params, state)
     return self._state_jits(params, state)[2](params, state)
@@ -286,6 +301,7 @@ class Decoder:
 
   def stream(self, params, prompts: list[list[int]], rng=None) -> Iterator[list[list[int]]]:
     """Yields, after the prefill and after each step, the tokens each sequence newly emitted."""
+    params = self.decode_params(params)
     state = self.start(params, prompts, rng)
     if self.placement is None:
       # Loop-invariant work once per generation, as in the while loop, not once per yielded step.

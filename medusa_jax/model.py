@@ -18,6 +18,9 @@ Parameter layout (``base``), HF names in brackets::
           w_gate/w_up [D, F], w_down [F, D]             (mlp.{gate,up,down}_proj, transposed)
   final_norm   [D]         (model.norm)
   lm_head      [D, V]      (lm_head, only when embeddings are untied)
+
+Decoding on a CPU may add packed copies of the matrices (``layers_i/{qkv,wo,gate_up,down}_p``,
+``lm_head_p``; ``cpu_kernels.decode_params``); projections of few rows then use that kernel.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from medusa_jax import cpu_kernels
 
 Params = Any
 Cache = dict
@@ -133,6 +138,9 @@ def lm_head_weight(cfg: ModelConfig, base: Params) -> jax.Array:
 
 
 def project_logits(cfg: ModelConfig, base: Params, hidden: jax.Array) -> jax.Array:
+  packed = base.get("lm_head_p")
+  if cpu_kernels.use_kernel(hidden, packed):
+    return cpu_kernels.matmul(hidden, packed, cfg.vocab_size)
   w_DxV = lm_head_weight(cfg, base).astype(cfg.compute_dtype)
   return jnp.einsum("bld,dv->blv", hidden.astype(cfg.compute_dtype), w_DxV,
                     preferred_element_type=accum_dtype(cfg.compute_dtype))
@@ -147,7 +155,7 @@ def greedy_tokens(cfg: ModelConfig, base: Params, hidden: jax.Array) -> jax.Arra
   at L = 4, the bulk of a small Medusa tree's extra cost over a one-token step).
   """
   dt, acc = cfg.compute_dtype, accum_dtype(cfg.compute_dtype)
-  if not cfg.tie_embeddings:
+  if not cfg.tie_embeddings or cpu_kernels.use_kernel(hidden, base.get("lm_head_p")):
     return jnp.argmax(project_logits(cfg, base, hidden), axis=-1).astype(jnp.int32)
   logits_VxBxL = jnp.einsum("vd,bld->vbl", base["embed"].astype(dt), hidden.astype(dt),
                             preferred_element_type=acc)
@@ -266,10 +274,19 @@ def _attention(cfg, q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS):
 
 def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv_freq):
   dt = cfg.compute_dtype
+  B, L = x_BxLxD.shape[:2]
+  H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  kernel = cpu_kernels.use_kernel(x_BxLxD, p.get("qkv_p"))
   h = rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
-  q = jnp.einsum("bld,dhe->blhe", h, p["wq"].astype(dt))
-  k = jnp.einsum("bld,dke->blke", h, p["wk"].astype(dt))
-  v = jnp.einsum("bld,dke->blke", h, p["wv"].astype(dt))
+  if kernel:
+    qkv = cpu_kernels.matmul(h, p["qkv_p"], (H + 2 * K) * E)
+    q = qkv[..., :H * E].reshape(B, L, H, E)
+    k = qkv[..., H * E:(H + K) * E].reshape(B, L, K, E)
+    v = qkv[..., (H + K) * E:].reshape(B, L, K, E)
+  else:
+    q = jnp.einsum("bld,dhe->blhe", h, p["wq"].astype(dt))
+    k = jnp.einsum("bld,dke->blke", h, p["wk"].astype(dt))
+    v = jnp.einsum("bld,dke->blke", h, p["wv"].astype(dt))
   if cfg.qkv_bias:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   q = apply_rope(q, positions_BxL, inv_freq)
@@ -282,8 +299,14 @@ def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv
     v_all = _write_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index_B)
     new_cache = {"k": k_all, "v": v_all}
   attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), mask_BxLxS)
+  D, F = cfg.dim, cfg.mlp_dim
+  if kernel:
+    x = x_BxLxD + cpu_kernels.matmul(attn.reshape(B, L, H * E), p["wo_p"], D)
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    gate_up = cpu_kernels.matmul(h, p["gate_up_p"], 2 * F)
+    x = x + cpu_kernels.matmul(jax.nn.silu(gate_up[..., :F]) * gate_up[..., F:], p["down_p"], D)
+    return x, new_cache
   # As one [B*L, H*E] x [H*E, D] matmul: the two-axis einsum made XLA-CPU copy a transposed wo each step.
-  B, L = attn.shape[:2]
   wo = p["wo"].astype(dt)
   x = x_BxLxD + jnp.dot(attn.reshape(B, L, -1), wo.reshape(-1, wo.shape[-1]))
   h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)

@@ -1,0 +1,111 @@
+"""The CPU decode kernel (``medusa_jax/csrc/cpu_matmul.cc`` via ``cpu_kernels``).
+
+It must give XLA's products to float32 rounding, give each row the same bits whatever rows share
+its call (so vanilla and Medusa steps round alike), and be what decoders actually run on CPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medusa_jax import cpu_kernels
+from medusa_jax import decode
+from medusa_jax import model as model_lib
+from medusa_jax.model import ModelConfig
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels._compiler() is None, reason="no C++ compiler: decoding falls back to XLA's dots")  # pylint: disable=protected-access
+
+# Output widths that are not multiples of the 32-column panel (qkv 72, vocab 100) exercise padding.
+CFG = ModelConfig(vocab_size=100, dim=40, num_layers=2, num_heads=5, num_kv_heads=1, head_dim=8, mlp_dim=48,
+                  max_seq_len=128, bos_id=None, eos_ids=(), tie_embeddings=True)
+
+
+def _base(cfg, seed=0, scale=4.0):
+  base = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  return jax.tree.map(lambda x: x * scale if x.ndim > 1 else x, base)
+
+
+def test_library_builds_and_loads():
+  assert cpu_kernels._load()  # pylint: disable=protected-access
+  assert cpu_kernels.enabled()
+
+
+@pytest.mark.parametrize("M,D,F", [(1, 64, 32), (3, 40, 100), (8, 64, 96), (9, 17, 64), (70, 33, 40)])
+def test_matmul_matches_numpy(M, D, F):
+  rng = np.random.default_rng(M * 1000 + D)
+  x = rng.standard_normal((M, D)).astype(np.float32)
+  w = rng.standard_normal((D, F)).astype(np.float32)
+  got = np.asarray(jax.jit(cpu_kernels.matmul, static_argnums=2)(x, cpu_kernels.pack(w), F))
+  want = x.astype(np.float64) @ w.astype(np.float64)
+  assert got.shape == (M, F)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(D))
+
+
+def test_a_rows_result_does_not_depend_on_its_call():
+  """Bit for bit: a row alone, or among 2, 8 or 19 others, in any position."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((19, 576)).astype(np.float32)
+  packed = cpu_kernels.pack(rng.standard_normal((576, 96)).astype(np.float32))
+  mm = jax.jit(cpu_kernels.matmul, static_argnums=2)
+  full = np.asarray(mm(x, packed, 96))
+  for rows in ([5], [4, 5], list(range(8)), list(range(18, -1, -1))):
+    part = np.asarray(mm(x[rows], packed, 96))
+    np.testing.assert_array_equal(part, full[rows])
+
+
+def test_forward_with_packed_weights_matches_xla():
+  base = _base(CFG)
+  packed = cpu_kernels.decode_params(CFG, {"base": base})["base"]
+  assert {"qkv_p", "wo_p", "gate_up_p", "down_p"} <= set(packed["layers_0"]) and "lm_head_p" in packed
+  fwd = jax.jit(model_lib.forward, static_argnums=0)
+  B, L = 2, 7
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (B, L), 0, CFG.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(L), (B, L))
+  mask = model_lib.causal_mask(jnp.array([L, L - 2]), L)
+  want_logits, want_hidden, _ = fwd(CFG, base, tokens, positions, mask)
+  got_logits, got_hidden, _ = fwd(CFG, packed, tokens, positions, mask)
+  scale = float(jnp.abs(want_logits).max())
+  np.testing.assert_allclose(got_logits, want_logits, atol=2e-6 * scale)
+  np.testing.assert_allclose(got_hidden, want_hidden, atol=2e-5)
+  greedy = jax.jit(model_lib.greedy_tokens, static_argnums=0)
+  np.testing.assert_array_equal(greedy(CFG, packed, got_hidden), greedy(CFG, base, want_hidden))
+  # The kernel is in the compiled forward, and not in the one without packed weights.
+  assert cpu_kernels.TARGET in fwd.lower(CFG, packed, tokens, positions, mask).as_text()
+  assert cpu_kernels.TARGET not in fwd.lower(CFG, base, tokens, positions, mask).as_text()
+
+
+def test_decoder_packs_once_and_generates_as_xla_does(monkeypatch):
+  params = {"base": _base(CFG, seed=3)}
+  prompts = [[5, 9, 3, 12, 7], [1, 2]]
+  dec = decode.make_decoder(CFG, decode.Sampling(max_new_tokens=12))
+  first = dec.decode_params(params)
+  assert cpu_kernels.is_packed(first) and dec.decode_params(params)["base"] is first["base"]
+  assert dec.decode_params(first) is first
+  got, _ = dec.generate(params, prompts)
+
+  monkeypatch.setenv(cpu_kernels.ENV, "0")
+  assert not cpu_kernels.enabled()
+  plain = decode.make_decoder(CFG, decode.Sampling(max_new_tokens=12))
+  assert not cpu_kernels.is_packed(plain.decode_params(params))
+  want, _ = plain.generate(params, prompts)
+  assert got == want
+
+
+def test_float64_params_are_left_alone():
+  with jax.enable_x64(True):
+    cfg64 = CFG.replace(dtype="float64", param_dtype="float64")
+    base = _base(cfg64)
+    assert not cpu_kernels.is_packed(cpu_kernels.decode_params(cfg64, {"base": base}))
+
+
+def test_build_error_is_clear(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  monkeypatch.setattr(shutil, "which", lambda name: None)
+  with pytest.raises(cpu_kernels.KernelBuildError, match="no C\\+\\+ compiler"):
+    cpu_kernels.build(force=True)
