@@ -146,8 +146,9 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
   @jax.jit
   def ranks_of(params, hidden_BxCxD, targets_BxCxK):
     base = model_lib.project_logits(cfg, params["base"], hidden_BxCxD).astype(jnp.float32)
-    logits = jnp.concatenate([base[:, :, None], logits_fn(hcfg, cfg, params, hidden_BxCxD).astype(jnp.float32)],
-                             axis=2)  # [B, C, M+1, V]
+    # Column 0 of the targets is the backbone's next token: what heads with next_token_input read.
+    heads = logits_fn(hcfg, cfg, params, hidden_BxCxD, next_BxL=targets_BxCxK[..., 0])
+    logits = jnp.concatenate([base[:, :, None], heads.astype(jnp.float32)], axis=2)  # [B, C, M+1, V]
     target = jnp.take_along_axis(logits, targets_BxCxK[..., None], axis=-1)
     return jnp.sum(logits > target, axis=-1, dtype=jnp.int32)
 

@@ -25,7 +25,9 @@ def default_config() -> ConfigDict:
 
   # draft_vocab > 0: heads propose only the N most frequent training tokens (exact verification
   # is unchanged; their LM projection shrinks V/N times, for training and for decoding).
-  c.heads = ConfigDict(dict(num_heads=5, num_layers=1, shared_lm_head=True, draft_vocab=0))
+  # next_token_input: heads also read the backbone's next token (not in the paper; heads.py).
+  c.heads = ConfigDict(dict(num_heads=5, num_layers=1, shared_lm_head=True, draft_vocab=0,
+                            next_token_input=False))
 
   c.decode = ConfigDict(dict(
       mode="vanilla",          # vanilla | medusa

@@ -479,6 +479,9 @@ def save_medusa_heads(path: str, hcfg, cfg: ModelConfig, medusa_params: dict,
     # Dropping vocab_ids would silently let the heads propose tokens they never learnt.
     raise WeightsError(f"The release format has no draft vocabulary; these heads propose only "
                        f"{hcfg.draft_vocab} tokens. Export them with the checkpoint instead.")
+  if getattr(hcfg, "next_token_input", False):
+    raise WeightsError("The release format has no next-token input (HeadsConfig.next_token_input): its "
+                       "heads read only the hidden state. Export them with the checkpoint instead.")
   M, n, D, V = hcfg.num_heads, hcfg.num_layers, cfg.dim, cfg.vocab_size
   want = {"w": (M, n, D, D), "b": (M, n, D)}
   if not hcfg.shared_lm_head:

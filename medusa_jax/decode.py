@@ -147,8 +147,8 @@ def prefill(cfg: ModelConfig, params, prompts_BxP, lengths_B, rng, *, capacity: 
             slack: int = 1, extra_fn: Callable | None = None) -> DecodeState:
   """Runs the prompts through the model, samples the first new token and returns the loop state.
 
-  ``extra_fn(params, hidden_Bx1xD)`` computes the mode's extra carry from the last prompt position
-  (Medusa: the heads' logits there).
+  ``extra_fn(params, hidden_Bx1xD, first_B)`` computes the mode's extra carry from the last prompt
+  position and the first new token (Medusa: the heads' candidates there).
   """
   base = params["base"]
   B, P = prompts_BxP.shape
@@ -165,7 +165,7 @@ def prefill(cfg: ModelConfig, params, prompts_BxP, lengths_B, rng, *, capacity: 
   state = DecodeState(
       cache=cache, tokens_BxT=jnp.zeros((B, T), jnp.int32), num_B=jnp.zeros((B,), jnp.int32),
       done_B=jnp.zeros((B,), bool), last_B=first, rng=rng, steps=jnp.zeros((), jnp.int32),
-      extra=None if extra_fn is None else extra_fn(params, last_h))
+      extra=None if extra_fn is None else extra_fn(params, last_h, first))
   return emit(state, first[:, None], jnp.ones((B,), jnp.int32), cfg.eos_ids, sampling.max_new_tokens)
 
 
@@ -353,8 +353,11 @@ class MedusaSpec:
                        "heads: use a shallower tree or more heads.")
 
 
-def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_Bx1xD):
+def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_Bx1xD, next_B):
   """Each head's top-k tokens at one position, flattened: [B, sum(segment_topk)].
+
+  ``next_B`` is the token the backbone emitted after that position (read by heads with
+  ``next_token_input``).
 
   Only the heads the tree reaches are evaluated, over their draft vocabulary when they have one:
   their LM projection is the largest cost a Medusa step adds to a small tree's forward.
@@ -371,12 +374,12 @@ def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_Bx1xD):
     # operand), which XLA-CPU runs without repacking the weight; as x @ w.T with a row per head it
     # repacked the whole transposed [V', D] weight on every step.
     dt = cfg.compute_dtype
-    x_BxMxD = heads_lib.head_states(hcfg, cfg, medusa, hidden_Bx1xD)[:, 0]
+    x_BxMxD = heads_lib.head_states(hcfg, cfg, sub_params, hidden_Bx1xD, next_B[:, None])[:, 0]
     logits_VxBxM = jnp.einsum("vd,bmd->vbm", w_VxD.astype(dt), x_BxMxD.astype(dt),
                               preferred_element_type=model_lib.accum_dtype(dt))
     logits_BxMxV = jnp.transpose(logits_VxBxM, (1, 2, 0))  # small: [V', B, M]
   else:
-    logits_BxMxV = heads_lib.subset_logits(hcfg, cfg, sub_params, hidden_Bx1xD)[:, 0]
+    logits_BxMxV = heads_lib.subset_logits(hcfg, cfg, sub_params, hidden_Bx1xD, next_B[:, None])[:, 0]
   parts = []
   for m, k in enumerate(spec.tree.segment_topk):
     idx = (jnp.argmax(logits_BxMxV[:, m], axis=-1)[:, None] if k == 1
@@ -520,7 +523,7 @@ def medusa_step(cfg: ModelConfig, params, state: DecodeState, *, sampling: Sampl
   acc_tokens = jnp.concatenate([acc_tokens, jnp.zeros((B, 1), jnp.int32)], axis=-1)
   new = jnp.where(jnp.arange(A)[None] == count[:, None], bonus[:, None], acc_tokens)
   last_h = hidden_BxNxD[b_idx, last_node][:, None]
-  extra = head_candidates(spec, cfg, params, last_h)
+  extra = head_candidates(spec, cfg, params, last_h, bonus)
   state = state.replace(cache=cache, rng=rng, steps=state.steps + 1, extra=jnp.where(live[:, None], extra, state.extra))
   return emit(state, new, count + 1, cfg.eos_ids, sampling.max_new_tokens)
 
@@ -534,4 +537,4 @@ def make_decoder(cfg: ModelConfig, sampling: Sampling, spec: MedusaSpec | None =
   return Decoder(cfg, sampling, step_fn=functools.partial(medusa_step, spec=spec), room=spec.tree.num_nodes,
                  prepare=functools.partial(heads_lib.prepare_for_decoding, spec.heads, cfg),
                  slack=spec.tree.depth + 1,
-                 extra_fn=lambda params, h: head_candidates(spec, cfg, params, h), placement=placement)
+                 extra_fn=functools.partial(head_candidates, spec, cfg), placement=placement)

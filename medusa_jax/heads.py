@@ -13,6 +13,16 @@ Params (under ``params['medusa']``), stacked over heads so all heads run as one 
   lm_head  [M, D, V]      ('medusa_heads', 'embed', 'vocab'), only when not shared
 
 Stacked blocks each have their own weights (the original's ``[ResBlock(h)] * n`` shared them).
+
+``next_token_input`` (not in the paper; off by default): when decoding, the backbone's own next token
+t+1 is already known when the heads guess t+2, t+3, ... (it is the step's bonus token), yet a Medusa
+head never sees it. With this option each head adds a projection of that token's (frozen) embedding
+to its input, ``x_m = h_t + embed[tok_{t+1}] U_m``, before its blocks::
+
+  tok_w    [M, D, D]      ('medusa_heads', 'embed', 'embed_out'), zero-initialised
+
+Training feeds the true next token (teacher forcing), decoding the token the backbone chose. Such
+heads cannot be written in the original release's format.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ class HeadsConfig:
   # (``vocab_ids``). Verification stays exact, so greedy output is unchanged; what shrinks is the
   # heads' LM projection, the largest cost of training them and of a small tree's step on a CPU.
   draft_vocab: int = 0
+  # Condition every head on the embedding of the backbone's next token (see the module docstring).
+  next_token_input: bool = False
 
 
 def param_axes(hcfg: HeadsConfig) -> dict:
@@ -44,6 +56,8 @@ def param_axes(hcfg: HeadsConfig) -> dict:
     axes["lm_head"] = ("medusa_heads", "embed", "vocab")
   if hcfg.draft_vocab:
     axes["vocab_ids"] = ("draft_vocab",)
+  if hcfg.next_token_input:
+    axes["tok_w"] = ("medusa_heads", "embed", "embed_out")
   return axes
 
 
@@ -51,6 +65,8 @@ def init_params(hcfg: HeadsConfig, cfg: ModelConfig, base=None) -> dict:
   """Zero residual blocks; per-head LM heads copied from the backbone's (needs ``base``)."""
   M, n, D = hcfg.num_heads, hcfg.num_layers, cfg.dim
   p = {"w": jnp.zeros((M, n, D, D), cfg.param_dtype), "b": jnp.zeros((M, n, D), cfg.param_dtype)}
+  if hcfg.next_token_input:
+    p["tok_w"] = jnp.zeros((M, D, D), cfg.param_dtype)
   if not hcfg.shared_lm_head:
     if base is None:
       raise ValueError("Per-head LM heads are initialised from the backbone's: pass its params.")
@@ -76,20 +92,27 @@ def per_head(medusa: dict, m: int) -> dict:
   return {k: (v if k == "vocab_ids" else v[m:m + 1]) for k, v in medusa.items()}
 
 
-def head_states(hcfg: HeadsConfig, cfg: ModelConfig, medusa, hidden_BxLxD):
-  """The residual stacks: [B, L, D] -> [B, L, M, D]."""
+def head_states(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, next_BxL=None):
+  """The residual stacks: [B, L, D] -> [B, L, M, D]. ``next_BxL``: the token after each position
+  (required with ``next_token_input``, ignored otherwise)."""
   dt = cfg.compute_dtype
+  medusa = params["medusa"]
   x = jnp.broadcast_to(hidden_BxLxD[:, :, None, :], hidden_BxLxD.shape[:2] + (hcfg.num_heads, cfg.dim))
   x = x.astype(dt)
+  if hcfg.next_token_input:
+    if next_BxL is None:
+      raise ValueError("These heads read the next token (HeadsConfig.next_token_input): pass next_BxL.")
+    emb = params["base"]["embed"][next_BxL].astype(dt)
+    x = x + jnp.einsum("bld,mde->blme", emb, medusa["tok_w"].astype(dt))
   for j in range(hcfg.num_layers):
     y = jnp.einsum("blmd,mde->blme", x, medusa["w"][:, j].astype(dt)) + medusa["b"][:, j].astype(dt)
     x = x + jax.nn.silu(y)
   return x
 
 
-def subset_logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD):
+def subset_logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, next_BxL=None):
   """Head logits over the draft vocabulary [B, L, M, V'] (V' = V without one), float32."""
-  x = head_states(hcfg, cfg, params["medusa"], hidden_BxLxD)
+  x = head_states(hcfg, cfg, params, hidden_BxLxD, next_BxL)
   dt = cfg.compute_dtype
   acc = jnp.promote_types(dt, jnp.float32)
   if hcfg.draft_vocab:
@@ -136,9 +159,9 @@ def prepare_for_decoding(hcfg: HeadsConfig, cfg: ModelConfig, params):
   return {**params, "medusa": {**params["medusa"], "draft_w": draft_weight(hcfg, cfg, params)}}
 
 
-def logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD):
+def logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, next_BxL=None):
   """Head logits [B, L, M, V] (float32); tokens outside the draft vocabulary get -inf."""
-  sub = subset_logits(hcfg, cfg, params, hidden_BxLxD)
+  sub = subset_logits(hcfg, cfg, params, hidden_BxLxD, next_BxL)
   if not hcfg.draft_vocab:
     return sub
   full = jnp.full(sub.shape[:-1] + (cfg.vocab_size,), -jnp.inf, sub.dtype)

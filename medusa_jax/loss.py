@@ -50,9 +50,13 @@ def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, 
   med = params["medusa"]
   single = dataclasses.replace(hcfg, num_heads=1)
   index_V = heads_lib.subset_index(hcfg, cfg, params)
+  # The token after each position (teacher forcing), for heads with next_token_input; the last
+  # position's is padding, and no head has a target there.
+  tokens = batch["tokens"]
+  next_BxL = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
 
   def one_head(p_m, tgt, ok):
-    logits = heads_lib.subset_logits(single, cfg, {"base": params["base"], "medusa": p_m}, hidden_BxLxD)
+    logits = heads_lib.subset_logits(single, cfg, {"base": params["base"], "medusa": p_m}, hidden_BxLxD, next_BxL)
     ce, rank = _ce_and_rank(logits[:, :, 0], tgt)
     return _masked_mean(ce, ok), jnp.stack([_masked_mean((rank < k).astype(jnp.float32), ok)
                                             for k in range(1, topk + 1)])

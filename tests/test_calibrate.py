@@ -32,7 +32,7 @@ def test_rank_counts_with_known_head_ranks(tiny):
   shift = np.array([5, 7])
   table = -((np.arange(V)[None, :] - shift[:, None]) % V).astype(np.float32)  # [M, V]
 
-  def fake_logits(hcfg, cfg, params, hidden_BxLxD):
+  def fake_logits(hcfg, cfg, params, hidden_BxLxD, next_BxL=None):
     B, L = hidden_BxLxD.shape[:2]
     return jnp.broadcast_to(jnp.asarray(table), (B, L) + table.shape)
 

@@ -166,7 +166,7 @@ def _x64_params():
     seq = prompt + out
     L = len(seq)
     _, hidden = _causal_forward(cfg, base, jnp.asarray([seq]), jnp.asarray([L]))
-    states = np.asarray(heads_lib.head_states(hcfg, cfg, medusa, hidden))[0]  # [L, M, D]
+    states = np.asarray(heads_lib.head_states(hcfg, cfg, {"medusa": medusa}, hidden))[0]  # [L, M, D]
     for t in range(len(prompt) - 1, L):
       for m in range(M):
         if t + m + 2 < L:
@@ -272,30 +272,40 @@ def test_greedy_medusa_equals_greedy_smollm2(smollm2):
   assert int(mstate.steps) < int(vstate.steps)
 
 
-@pytest.mark.parametrize("tie,draft_vocab,shared", [(True, 0, True), (True, 24, True), (False, 24, True),
-                                                     (False, 0, True), (True, 24, False)])
-def test_head_candidates_match_subset_logits(tie, draft_vocab, shared):
+@pytest.mark.parametrize("tie,draft_vocab,shared,nxt", [(True, 0, True, False), (True, 24, True, False),
+                                                         (False, 24, True, False), (False, 0, True, False),
+                                                         (True, 24, False, False), (True, 24, True, True),
+                                                         (False, 0, False, True)])
+def test_head_candidates_match_subset_logits(tie, draft_vocab, shared, nxt):
   """head_candidates' vocabulary-major projection picks what top-k of heads.subset_logits picks,
-  before (prefill) and after prepare_for_decoding."""
+  before (prefill) and after prepare_for_decoding; heads that read the next token read the one given."""
   cfg = TINY.replace(tie_embeddings=tie)
   base = _scaled_params(cfg, 3, 20.0)
-  hcfg = HeadsConfig(num_heads=3, shared_lm_head=shared, draft_vocab=draft_vocab)
+  hcfg = HeadsConfig(num_heads=3, shared_lm_head=shared, draft_vocab=draft_vocab, next_token_input=nxt)
   medusa = heads_lib.init_params(hcfg, cfg, base)
   medusa["w"] = jax.random.normal(jax.random.PRNGKey(4), medusa["w"].shape) * 0.3
+  if nxt:
+    medusa["tok_w"] = jax.random.normal(jax.random.PRNGKey(7), medusa["tok_w"].shape) * 0.3
+  next_B = jnp.array([3, 7], jnp.int32)
   if draft_vocab:
     medusa["vocab_ids"] = jnp.asarray(np.sort(np.random.default_rng(5).choice(cfg.vocab_size, draft_vocab, False)),
                                       jnp.int32)
   params = {"base": base, "medusa": medusa}
   spec = decode.MedusaSpec(heads=hcfg, tree=tree_lib.resolve("dense:3,2", 3))
   hidden = jax.random.normal(jax.random.PRNGKey(6), (2, 1, cfg.dim))
-  sub = heads_lib.subset_logits(HeadsConfig(num_heads=2, shared_lm_head=shared, draft_vocab=draft_vocab), cfg,
+  sub = heads_lib.subset_logits(HeadsConfig(num_heads=2, shared_lm_head=shared, draft_vocab=draft_vocab,
+                                            next_token_input=nxt), cfg,
                                 {"base": base, "medusa": {k: (v if k == "vocab_ids" else v[:2])
-                                                          for k, v in medusa.items()}}, hidden)[:, 0]
+                                                          for k, v in medusa.items()}}, hidden, next_B[:, None])[:, 0]
   want = jnp.concatenate([jax.lax.top_k(sub[:, m], k)[1] for m, k in enumerate(spec.tree.segment_topk)], -1)
   if draft_vocab:
     want = medusa["vocab_ids"][want]
   for p in (params, heads_lib.prepare_for_decoding(hcfg, cfg, params)):
-    np.testing.assert_array_equal(np.asarray(decode.head_candidates(spec, cfg, p, hidden)), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(decode.head_candidates(spec, cfg, p, hidden, next_B)),
+                                  np.asarray(want))
+  if nxt:  # the next token matters
+    other = decode.head_candidates(spec, cfg, params, hidden, next_B + 1)
+    assert not np.array_equal(np.asarray(other), np.asarray(want))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +426,8 @@ def test_typical_step_selection_matches_numpy(monkeypatch):
     rows = np.asarray(new.cache["layers"][0]["k"][b, 0, idx[b]:idx[b] + count + 1, 0])
     np.testing.assert_array_equal(rows, 100.0 + accepted)
     # The next candidates come from the heads at the last accepted node.
-    want_next = decode.head_candidates(spec, cfg, params, jnp.asarray(hidden[b:b + 1, accepted[-1]][:, None]))
+    want_next = decode.head_candidates(spec, cfg, params, jnp.asarray(hidden[b:b + 1, accepted[-1]][:, None]),
+                                       jnp.asarray(emitted[-1:]))
     np.testing.assert_array_equal(np.asarray(new.extra[b]), np.asarray(want_next[0]))
     assert new.last_B[b] == emitted[-1]
   assert int(new.steps) == 1

@@ -125,6 +125,10 @@ def killed_run(data_dir, tmp_path_factory):
 def _np_heads_ce(hcfg, cfg, base, medusa, hidden, batch, m):
   """NumPy: head m's (1-based) masked mean CE and top-1 accuracy on its targets t+m+1."""
   x = hidden.astype(np.float64)
+  if hcfg.next_token_input:  # + the next token's embedding, projected by the head's own matrix
+    tok = np.asarray(batch["tokens"])
+    nxt = np.concatenate([tok[:, 1:], np.zeros_like(tok[:, :1])], axis=1)
+    x = x + np.asarray(base["embed"], np.float64)[nxt] @ np.asarray(medusa["tok_w"][m - 1], np.float64)
   w, b = np.asarray(medusa["w"], np.float64), np.asarray(medusa["b"], np.float64)
   for j in range(hcfg.num_layers):
     y = x @ w[m - 1, j] + b[m - 1, j]
@@ -171,7 +175,7 @@ def _golden_batch(vocab_ids=None):
   return {"tokens": tok, "loss_mask": mask, "segment_ids": seg, "positions": pos.astype(np.int32)}
 
 
-@pytest.mark.parametrize("recipe", ["medusa1", "lm_ce_own_lm_heads_draft_vocab"])
+@pytest.mark.parametrize("recipe", ["medusa1", "lm_ce_own_lm_heads_draft_vocab", "next_token_input"])
 def test_one_step_metrics_match_numpy(recipe):
   """The first step's loss is λ0 Σ_k 0.8^k CE_k (+ the backbone's CE), computed here in NumPy.
 
@@ -181,7 +185,9 @@ def test_one_step_metrics_match_numpy(recipe):
   """
   c = _get_config("smollm2_medusa1")
   c.heads.update(dict(num_heads=3, num_layers=2, draft_vocab=0))
-  if recipe != "medusa1":
+  if recipe == "next_token_input":
+    c.heads.update(dict(next_token_input=True, draft_vocab=512))
+  elif recipe != "medusa1":
     c.heads.update(dict(shared_lm_head=False, draft_vocab=512))
     c.train.update(dict(lm_weight=1.0, lm_loss="ce", lambda0=0.2, lambda0_schedule="constant"))
   cfg, base, _ = convert.load_model(c.model)
@@ -191,6 +197,8 @@ def test_one_step_metrics_match_numpy(recipe):
   if hcfg.draft_vocab:
     medusa["vocab_ids"] = jnp.asarray(np.sort(np.random.default_rng(2).choice(
         np.arange(3, cfg.vocab_size), hcfg.draft_vocab, replace=False)).astype(np.int32))
+  if hcfg.next_token_input:
+    medusa["tok_w"] = 0.05 * jax.random.normal(jax.random.PRNGKey(4), medusa["tok_w"].shape)
   if not hcfg.shared_lm_head:  # the heads' own LM projections, not copies of the backbone's
     medusa["lm_head"] = medusa["lm_head"] + 0.05 * jax.random.normal(jax.random.PRNGKey(3), medusa["lm_head"].shape)
   params = {"base": base, "medusa": medusa}
