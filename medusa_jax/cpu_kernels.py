@@ -152,29 +152,37 @@ def is_packed(params) -> bool:
   return "lm_head_p" in base
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _pack_backbone(cfg, base):
+  new = dict(base)
+  for i in range(cfg.num_layers):
+    new[f"layers_{i}"] = {**base[f"layers_{i}"], **_layer_packed(base[f"layers_{i}"])}
+  new["lm_head_p"] = pack(base["embed"].T if cfg.tie_embeddings else base["lm_head"])
+  return new
+
+
+# (cfg, the backbone leaves it was made from, packed backbone): the decoders of one model (vanilla
+# and Medusa in a benchmark, calibration's step timers) share one packed copy.
+_last = None
+
+
 def decode_params(cfg, params):
   """``params`` ({base, medusa} or a bare backbone) with packed copies added, when ``enabled()``
-  and the weights are float32; otherwise ``params`` itself. Idempotent."""
+  and the weights are float32; otherwise ``params`` itself. Idempotent; the packed backbone is
+  made once for the most recent backbone and reused."""
+  global _last
   base = params.get("base", params) if isinstance(params, dict) else None
   if base is None or is_packed(params) or not enabled():
     return params
   if base["embed"].dtype != jnp.float32 or cfg.compute_dtype != jnp.float32:
     return params
-  if any(len(getattr(leaf, "sharding", None).device_set) > 1 for leaf in jax.tree.leaves(base)
-         if hasattr(leaf, "sharding")):
+  leaves = jax.tree.leaves(base)
+  if any(len(leaf.sharding.device_set) > 1 for leaf in leaves if hasattr(leaf, "sharding")):
     return params  # sharded over a mesh: the custom call has no partitioning rule
-
-  @jax.jit
-  def _pack(base):
-    new = dict(base)
-    for i in range(cfg.num_layers):
-      new[f"layers_{i}"] = {**base[f"layers_{i}"], **_layer_packed(base[f"layers_{i}"])}
-    lm = base["embed"].T if cfg.tie_embeddings else base["lm_head"]
-    new["lm_head_p"] = pack(lm)
-    return new
-
-  new_base = _pack(base)
-  return {**params, "base": new_base} if "base" in params else new_base
+  if _last is None or _last[0] != cfg or len(_last[1]) != len(leaves) or any(
+      a is not b for a, b in zip(_last[1], leaves)):
+    _last = (cfg, leaves, _pack_backbone(cfg, base))
+  return {**params, "base": _last[2]} if "base" in params else _last[2]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -226,7 +226,6 @@ class Decoder:
     loop = lambda p, s: run_loop(functools.partial(step, self.prepare(p)), s, self.room)
     self._fns = (prefill_fn, step, loop)
     self._sharded = {}
-    self._packed = None  # (the backbone leaves it was made from, packed backbone)
     self._prefill = jax.jit(prefill_fn, static_argnames=("capacity",))
     # The cache is donated: each step updates it in place instead of copying S rows per layer.
     self._step = jax.jit(step, donate_argnums=(1,))
@@ -267,15 +266,9 @@ class Decoder:
     raise ValueError("this state was not made by this decoder's start()")
 
   def decode_params(self, params):
-    """``params`` with the CPU kernel's packed weight copies (``cpu_kernels.decode_params``), made
-    once per backbone and reused across calls; unchanged on a mesh, off CPU, or when disabled."""
-    if self.placement is not None or cpu_kernels.is_packed(params):
-      return params
-    leaves = jax.tree.leaves(params["base"])
-    if self._packed is None or len(self._packed[0]) != len(leaves) or any(
-        a is not b for a, b in zip(self._packed[0], leaves)):
-      self._packed = (leaves, cpu_kernels.decode_params(self.cfg, {"base": params["base"]})["base"])
-    return {**params, "base": self._packed[1]}
+    """``params`` with the CPU kernel's packed weight copies (``cpu_kernels.decode_params``, made
+    once per backbone); unchanged on a mesh, off CPU, or when disabled."""
+    return params if self.placement is not None else cpu_kernels.decode_params(self.cfg, params)
 
   def start(self, params, prompts: list[list[int]], rng=None) -> DecodeState:
     params = self.decode_params(params)

@@ -87,6 +87,9 @@ def test_decoder_packs_once_and_generates_as_xla_does(monkeypatch):
   first = dec.decode_params(params)
   assert cpu_kernels.is_packed(first) and dec.decode_params(params)["base"] is first["base"]
   assert dec.decode_params(first) is first
+  # Another decoder of the same backbone (vanilla and Medusa in a benchmark) shares the copy.
+  other = decode.make_decoder(CFG, decode.Sampling(max_new_tokens=3))
+  assert other.decode_params(params)["base"] is first["base"]
   got, _ = dec.generate(params, prompts)
 
   monkeypatch.setenv(cpu_kernels.ENV, "0")
