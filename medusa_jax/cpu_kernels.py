@@ -13,7 +13,7 @@ Use:
     a params pytree, once, outside jit; ``model.forward`` uses them when present. Training never
     sees them. Decoders do this themselves (``decode.Decoder``).
   * It is active for float32 on a single CPU device, when the library builds (a C++17 compiler;
-    ~2 s on first use, cached under ``$MEDUSA_JAX_CACHE`` or ``~/.cache/medusa_jax``).
+    compiled on first use, cached under ``$MEDUSA_JAX_CACHE`` or ``~/.cache/medusa_jax``).
     ``MEDUSA_JAX_CPU_KERNELS=0`` turns it off (XLA's own dots, e.g. for an A/B benchmark);
     ``MEDUSA_JAX_KERNEL_THREADS=n`` caps the threads it uses (default: XLA's intra-op pool).
   * Prefill-sized calls (more than ``MAX_ROWS`` rows) keep XLA's dot on the unpacked weights.
@@ -157,7 +157,8 @@ def _pack_backbone(cfg, base):
   new = dict(base)
   for i in range(cfg.num_layers):
     new[f"layers_{i}"] = {**base[f"layers_{i}"], **_layer_packed(base[f"layers_{i}"])}
-  new["lm_head_p"] = pack(base["embed"].T if cfg.tie_embeddings else base["lm_head"])
+  from medusa_jax import model as model_lib  # pylint: disable=g-import-not-at-top  (model imports this module)
+  new["lm_head_p"] = pack(model_lib.lm_head_weight(cfg, base))
   return new
 
 
