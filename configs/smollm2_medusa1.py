@@ -44,26 +44,7 @@ def get_config(arg=None):
   c.train.lr = 3e-3
   c.train.eval_every = 100
   c.train.checkpoint_every = 50
-  if arg == "tiny":
-    tiny(c)
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of {__name__} (known: tiny)")
-  return c
+  return config_lib.apply_variants(c, arg, VARIANTS, "configs/smollm2_medusa1.py")
 
 
-def tiny(c):
-  """Shrinks any config to a run the tests finish in seconds."""
-  c.model = "random-tiny"
-  c.data.max_len = 64
-  c.distill.num_prompts = 8
-  c.distill.max_prompt_len = 48
-  c.distill.max_new_tokens = 8
-  c.distill.batch_size = 16
-  c.train.steps = 6
-  c.train.batch_size = 2
-  c.train.seq_len = 64
-  c.train.log_every = 2
-  c.train.eval_every = 3
-  c.train.eval_batches = 1
-  c.train.checkpoint_every = 2
-  c.decode.max_new_tokens = 8
+VARIANTS = {"tiny": config_lib.tiny}

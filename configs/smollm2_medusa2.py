@@ -3,7 +3,7 @@
   python -m medusa_jax.distill --config configs/smollm2_medusa2.py
   python -m medusa_jax.train --config configs/smollm2_medusa2.py --workdir runs/smollm2_medusa2
 
-The recipe (DESIGN.md): loss = L_LM + lambda0 * sum_k 0.8^k L_k; on self-distilled data L_LM is
+The recipe (the Medusa paper's Medusa-2): loss = L_LM + lambda0 * sum_k 0.8^k L_k; on self-distilled data L_LM is
 KL(original backbone || trained backbone) and lambda0 is small and sine-ramped; the heads' learning
 rate is 4x the backbone's; a heads-only stage comes first. The released recipe trains the backbone
 through LoRA; for a 135M model we train it fully. Variants: ``:tiny``.
@@ -17,8 +17,7 @@ def _medusa1():
 
 
 def get_config(arg=None):
-  m1 = _medusa1()
-  c = m1.get_config()
+  c = _medusa1().get_config()
   # Medusa-2 differs from Medusa-1 only here.
   c.train.trainable = (("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("base/.*", "backbone"))
   c.train.group_lr_mult = (("heads", 1.0), ("backbone", 0.25))  # 2e-3 vs 5e-4 in the paper: 4x
@@ -30,11 +29,7 @@ def get_config(arg=None):
   c.train.lambda0 = 0.01            # small with the KL loss (0.2 with plain next-token CE)
   c.train.lambda0_schedule = "sine"
   c.train.lambda0_ramp_steps = 50
-  if arg == "tiny":
-    m1.tiny(c)
-    c.train.heads_only_steps = 2
-    c.train.backbone_warmup_steps = 2
-    c.train.lambda0_ramp_steps = 2
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of {__name__} (known: tiny)")
-  return c
+  return config_lib.apply_variants(c, arg, VARIANTS, "configs/smollm2_medusa2.py")
+
+
+VARIANTS = {"tiny": config_lib.tiny}

@@ -41,9 +41,6 @@ VICUNA_7B = dict(
     rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048, bos_token_id=1,
     eos_token_id=2)
 
-VARIANTS = ("gpu8", "tpu")
-
-
 def get_config(arg=None):
   c = config_lib.default_config()
   vicuna(c, "/path/to/vicuna-7b-v1.3", VICUNA_7B)
@@ -51,8 +48,13 @@ def get_config(arg=None):
   c.train.steps = 1000             # ~2 epochs of the 17.7k bundled ShareGPT conversations at batch 32
   c.train.checkpoint_every = 200
   c.train.eval_every = 200
-  placement(c, arg or "gpu8", __name__)
-  return c
+  return with_variants(c, arg, "configs/vicuna7b_medusa1.py")
+
+
+def with_variants(c, arg, where: str):
+  """The placement variants every Vicuna config shares; one host with 8 GPUs unless ``:tpu``."""
+  gpu8(c)
+  return config_lib.apply_variants(c, arg, {"gpu8": gpu8, "tpu": tpu}, where)
 
 
 def vicuna(c, model_path: str, arch: dict) -> None:
@@ -81,20 +83,24 @@ def vicuna(c, model_path: str, arch: dict) -> None:
   c.mesh.rules = tuple((k, None if k == "embed_out" else v) for k, v in c.mesh.rules)
 
 
-def placement(c, target: str, name: str) -> None:
-  """Mesh and batch for the hardware. Training: FSDP over the devices of a host or slice (weights and
-  optimizer state split 8 or 16 ways), data parallel over the rest. Decoding: tensor parallel."""
-  if target == "gpu8":
-    c.mesh.shape = (("data", -1), ("fsdp", 8), ("tensor", 1))
-    c.train.batch_size = 32        # 4 rows of 2048 tokens per GPU
-  elif target == "tpu":
-    # v4-32 (16 chips): data=1; v5e-64: data=4. Batch 64: 4 rows per chip on v4-32, 1 on v5e-64.
-    c.mesh.shape = (("data", -1), ("fsdp", 16), ("tensor", 1))
-    c.train.batch_size = 64
-    c.train.steps = max(1, c.train.steps // 2)
-    # Several hosts: every process joins one JAX job (TPU VMs are found automatically).
-    c.mesh.distributed_init = "always"
-  else:
-    raise ValueError(f"Unknown variant {target!r} of {name} (known: {', '.join(VARIANTS)})")
+def gpu8(c) -> None:
+  """Training: FSDP over the 8 GPUs of one host (weights and optimizer state split 8 ways)."""
+  c.mesh.shape = (("data", -1), ("fsdp", 8), ("tensor", 1))
+  c.train.batch_size = 32        # 4 rows of 2048 tokens per GPU
+  _decode_tensor_parallel(c)
+
+
+def tpu(c) -> None:
+  """Training: FSDP over 16 chips of a slice, data parallel over the rest; several hosts."""
+  # v4-32 (16 chips): data=1; v5e-64: data=4. Batch 64: 4 rows per chip on v4-32, 1 on v5e-64.
+  c.mesh.shape = (("data", -1), ("fsdp", 16), ("tensor", 1))
+  c.train.batch_size = 64
+  c.train.steps = max(1, c.train.steps // 2)
+  # Several hosts: every process joins one JAX job (TPU VMs are found automatically).
+  c.mesh.distributed_init = "always"
+  _decode_tensor_parallel(c)
+
+
+def _decode_tensor_parallel(c) -> None:
   # Decoding at batch 1: every device takes a share of the heads, MLP and vocabulary.
   c.mesh.decode_shape = (("data", 1), ("fsdp", 1), ("tensor", -1))

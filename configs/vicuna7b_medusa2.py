@@ -8,7 +8,7 @@
       --config.heads_dir=/data/medusa-vicuna-7b-v1.3 --config.train.heads_only_steps=0 \
       --workdir runs/vicuna7b_medusa2
 
-The recipe (DESIGN.md): loss = L_LM + lambda0 * sum_k 0.8^k L_k with lambda0 = 0.2 and plain
+The recipe (the Medusa paper's Medusa-2): loss = L_LM + lambda0 * sum_k 0.8^k L_k with lambda0 = 0.2 and plain
 next-token CE for L_LM (ShareGPT is Vicuna's own fine-tuning data, so no self-distillation); the
 heads' learning rate is 4x the backbone's (2e-3 vs 5e-4). The release trains the backbone through
 LoRA; this trains it fully, so the whole backbone has Adam moments: run the fit check for the mesh.

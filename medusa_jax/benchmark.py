@@ -19,14 +19,15 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax import cli
+from medusa_jax import entry
 from medusa_jax import config as config_lib
-from medusa_jax import decode, model, runtime
+from medusa_jax import decode, hardware, medusa, model, runtime
 
 _PROMPTS = flags.DEFINE_string("prompts", "mt_bench", "MT-Bench-style jsonl ('mt_bench' = the 80 bundled "
                                "MT-Bench questions; first turns are used), or 'sharegpt_heldout': held-out "
@@ -54,12 +55,14 @@ def top2_gap(cfg, params, prompt, generated, position) -> float:
 
 def run(config, prompts: list[dict], modes: list[str], loaded: runtime.Loaded, batch_size: int = 1) -> dict:
   sampling = config_lib.sampling(config)
-  decoders = {}
+  decoders, dparams = {}, {}
   for mode in modes:
     if mode not in ("vanilla", "medusa"):
-      raise app.UsageError(f"Unknown mode {mode!r}: use vanilla and/or medusa.")
+      raise ValueError(f"Unknown mode {mode!r}: use vanilla and/or medusa.")
     spec = config_lib.medusa_spec(config, loaded.heads) if mode == "medusa" else None
-    decoders[mode] = decode.make_decoder(loaded.cfg, sampling, spec)
+    decoders[mode] = medusa.make_decoder(loaded.cfg, sampling, spec)
+    # Prepared once; the modes share one packed copy of the backbone for the CPU kernel.
+    dparams[mode] = decoders[mode].prepare(next(iter(dparams.values()), loaded.params))
   token_lists = [runtime.chat_prompt(loaded.tokenizer, p["text"]) for p in prompts]
   groups = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
   rng = jax.random.PRNGKey(config.seed)
@@ -73,22 +76,22 @@ def run(config, prompts: list[dict], modes: list[str], loaded: runtime.Loaded, b
       key = (mode, len(g)) + decode.plan_cache(loaded.cfg, [len(t) for t in batch], sampling.max_new_tokens, d.room)
       if key not in warmed:
         warmed.add(key)
-        d.generate(loaded.params, batch, rng)
+        d.generate(dparams[mode], batch, rng)
 
   per = {m: [] for m in modes}
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   for g in tqdm(groups, desc="benchmark", unit="batch"):
     batch = [token_lists[i] for i in g]
     for mode, d in decoders.items():
-      state, t_pre = _time(d.start, loaded.params, batch, rng)
-      state, t_dec = _time(d.finish, loaded.params, state)
+      state, t_pre = _time(d.start, dparams[mode], batch, rng)
+      state, t_dec = _time(d.finish, dparams[mode], state)
       outs = decode.outputs(state)
       for j, i in enumerate(g):
         per[mode].append({"question_id": prompts[i]["question_id"], "tokens": outs[j],
                           "steps": int(state.steps), "decode_seconds": t_dec / len(g),
                           "prefill_seconds": t_pre / len(g)})
 
-  results = {"modes": {}, "hardware": runtime.hardware(), "config": json.loads(config.to_json_best_effort()),
+  results = {"modes": {}, "hardware": hardware.info(), "config": json.loads(config.to_json_best_effort()),
              "num_prompts": len(prompts), "batch_size": batch_size}
   for mode, rows in per.items():
     tokens = sum(len(r["tokens"]) for r in rows)
@@ -129,8 +132,7 @@ def print_table(results: dict) -> None:
   for d in results["modes"].get("medusa", {}).get("divergences", []):
     print(f"  question {d['question_id']}: first differs at token {d['position']}, "
           f"vanilla top-2 logit gap there {d['vanilla_top2_gap']:.2e}")
-  hw = results["hardware"]
-  print(f"  hardware: {hw['device_count']}x {hw['device_kind']} ({hw['cpu']}, {hw['cpu_count']} cores)")
+  print(f"  hardware: {hardware.describe(results['hardware'])}")
 
 
 def main(argv):
@@ -154,4 +156,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main)

@@ -5,7 +5,7 @@
   python -m medusa_jax.generate --config configs/smollm2.py --checkpoint runs/m1/export --mode medusa \
       --tree runs/cal/tree.json --prompt "Why is the sky blue?"
 
-Steps (DESIGN.md, "Optimised tree"):
+Steps (the Medusa paper's optimised tree construction, Cai et al. 2024, measured on this model):
 
 1. Greedy vanilla decoding of held-out ShareGPT first turns (``data.is_heldout``; never the
    distillation prompts, never MT-Bench), batched.
@@ -18,7 +18,7 @@ Steps (DESIGN.md, "Optimised tree"):
    checks the alignment.
 3. ``tree.grow_tree`` adds nodes greedily by their value, so one call gives the best tree of every
    size 2..N, and its expected tokens per step (1 + sum of values). A node's value is by default
-   the measured frequency of its whole path being right (``--estimate joint``); DESIGN.md's product
+   the measured frequency of its whole path being right (``--estimate joint``); the paper's product
    of per-head accuracies (``--estimate product``) assumes heads err independently, which they do
    not: it underrates deep paths and picks trees that are too shallow. With joint measurements the
    tokens per step of each size are then simulated by walking every generation as greedy decoding
@@ -36,7 +36,6 @@ measurements beside them; ``--tree FILE`` in generate/benchmark reads it.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import os
@@ -44,15 +43,16 @@ import statistics
 import time
 from typing import Callable, Sequence
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax import cpu_kernels
 from medusa_jax import decode
 from medusa_jax import distill
+from medusa_jax import hardware
 from medusa_jax import heads as heads_lib
+from medusa_jax import medusa
 from medusa_jax import model as model_lib
 from medusa_jax import runtime
 from medusa_jax import tree as tree_lib
@@ -146,8 +146,11 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
   @jax.jit
   def ranks_of(params, hidden_BxCxD, targets_BxCxK):
     base = model_lib.project_logits(cfg, params["base"], hidden_BxCxD).astype(jnp.float32)
-    # Column 0 of the targets is the backbone's next token: what heads with next_token_input read.
-    heads = logits_fn(hcfg, cfg, params, hidden_BxCxD, next_BxL=targets_BxCxK[..., 0])
+    # Columns 0 .. M-1 of the targets are the tokens t+1 .. t+M that greedy decoding produced: the
+    # path next-token and sequential heads read (teacher forcing, as in training). A sequential
+    # head's rank is then conditional on the path before it being right, which is exactly when
+    # decoding would verify its guess.
+    heads = logits_fn(hcfg, cfg, params, hidden_BxCxD, targets_BxCxK[..., :hcfg.num_heads])
     logits = jnp.concatenate([base[:, :, None], heads.astype(jnp.float32)], axis=2)  # [B, C, M+1, V]
     target = jnp.take_along_axis(logits, targets_BxCxK[..., None], axis=-1)
     return jnp.sum(logits > target, axis=-1, dtype=jnp.int32)
@@ -175,6 +178,17 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
     if ranks_out is not None:
       ranks_out.extend(heads_ranks[b][valid[b, :, 1]] for b in range(len(rows)))
   return counts
+
+
+def top1_given_path(ranks_NxM: np.ndarray) -> list[float]:
+  """Per depth k: how often head k's top-1 is right at the positions where heads 1..k-1 all were,
+  i.e. given an accepted prefix (what a chain verifies; sequential heads read that prefix)."""
+  ranks = np.asarray(ranks_NxM)
+  out = []
+  for k in range(ranks.shape[1]):
+    given = np.all(ranks[:, :k] == 0, axis=1)
+    out.append(float(np.mean(ranks[given, k] == 0)) if given.any() else 0.0)
+  return out
 
 
 def simulate_tokens_per_step(ranks_per_sequence: Sequence[np.ndarray], choices: Sequence[Sequence[int]]) -> float:
@@ -229,23 +243,25 @@ def measure_step_costs(cfg, hcfg, params, choices: Sequence[Sequence[int]], size
   of machine noise hits all of them alike.
   """
   sampling = decode.Sampling(temperature=0.0, max_new_tokens=max_new_tokens)
-  params = cpu_kernels.decode_params(cfg, params)  # what the decoders run on (see decode.Decoder)
-  steps, states = {}, {}
+  steps, states, dparams = {}, {}, {}
+  shared = params
   for n in sizes:
     spec = None
     if n > 1:
-      spec = decode.MedusaSpec(heads=hcfg, tree=tree_lib.build(choices[:n - 1], num_heads=hcfg.num_heads))
-    decoder = decode.make_decoder(cfg, sampling, spec)
-    # The same step function the decoder's loop runs, jitted alone (the state is donated, as there).
-    steps[n] = jax.jit(functools.partial(decoder.step_fn, cfg, sampling=sampling), donate_argnums=(1,))
-    states[n] = decoder.start(params, [list(prompt)])
+      spec = medusa.MedusaSpec(heads=hcfg, tree=tree_lib.build(choices[:n - 1], num_heads=hcfg.num_heads))
+    decoder = medusa.make_decoder(cfg, sampling, spec)
+    # Exactly what the decoder runs: its prepared params (one packed backbone shared by all sizes,
+    # each size's own head weights) and the jitted step of its loop (the state donated, as there).
+    dparams[n] = shared = decoder.prepare(shared)
+    states[n] = decoder.start(dparams[n], [list(prompt)])
+    steps[n] = decoder.state_programs(dparams[n], states[n])[0]
     for _ in range(warmup):
-      states[n] = jax.block_until_ready(steps[n](params, states[n]))
+      states[n] = jax.block_until_ready(steps[n](dparams[n], states[n]))
   times = {n: [] for n in sizes}
   for _ in range(runs):
     for n in sizes:
       t = time.perf_counter()
-      states[n] = jax.block_until_ready(steps[n](params, states[n]))
+      states[n] = jax.block_until_ready(steps[n](dparams[n], states[n]))
       times[n].append(time.perf_counter() - t)
   costs = {n: statistics.median(ts) for n, ts in times.items()}
   _log.info("step ms by tree size: %s", {n: round(1e3 * c, 2) for n, c in costs.items()})
@@ -296,7 +312,7 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
     sharegpt_path: a ShareGPT JSON file; the bundled ShareGPT V3 by default.
     source: what the heads are (e.g. the checkpoint path), recorded in the metadata.
     estimate: how a path's acceptance is estimated: 'joint' (the measured frequency of the whole
-      path) or 'product' (DESIGN.md's product of per-head accuracies, which assumes heads err
+      path) or 'product' (the paper's product of per-head accuracies, which assumes heads err
       independently and underrates deep paths).
   """
   if estimate not in ESTIMATES:
@@ -315,11 +331,12 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
   if not prompts:
     raise ValueError("No held-out ShareGPT prompts: is config.data.heldout_fraction 0?")
   token_lists = [list(p.tokens) for p in prompts]
-  decoder = decode.make_decoder(cfg, decode.Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
+  decoder = decode.Decoder(cfg, decode.Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
   B = min(batch_size, len(prompts))
   generations: list[list[int]] = [[] for _ in prompts]
   t0 = time.perf_counter()
-  for idx, outs in distill.batched_generate(decoder, loaded.params, token_lists, B, jax.random.PRNGKey(0)):
+  vanilla_params = decoder.prepare(loaded.params)
+  for idx, outs in distill.batched_generate(decoder, vanilla_params, token_lists, B, jax.random.PRNGKey(0)):
     for i, o in zip(idx, outs):
       generations[i] = o
   gen_s = time.perf_counter() - t0
@@ -345,12 +362,13 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
   # --- step costs on this hardware ---------------------------------------------------------------
   measured = sorted({s for s in sizes if 1 <= s <= top} | {1, top} | ({int(num_nodes)} if num_nodes else set()))
   median_prompt = sorted(token_lists, key=len)[len(token_lists) // 2]
-  costs = measure_step_costs(cfg, hcfg, loaded.params, choices, measured, median_prompt, max_new_tokens, runs=runs)
+  costs = measure_step_costs(cfg, hcfg, vanilla_params, choices, measured, median_prompt, max_new_tokens, runs=runs)
   rows = speedup_table(expected, costs)
   best = best_size(rows)
   chosen = int(num_nodes) if num_nodes else best
 
   cum = np.cumsum(accuracy, axis=1)
+  given_path = top1_given_path(np.concatenate(measured_ranks)) if measured_ranks else []
   meta = {
       "num_nodes": chosen,
       "best_measured_nodes": best,
@@ -361,6 +379,7 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
       "expected_speedup": {str(r["nodes"]): r["speedup"] for r in rows},
       "head_accuracy": accuracy.tolist(),              # [M, R]: frequency of rank r for head k+1
       "head_topk_accuracy": cum[:, :5].tolist(),       # cumulative top-1..5
+      "head_top1_given_path": given_path,              # head k's top-1 where heads 1..k-1 were all right
       "backbone_top1": backbone_top1,
       "positions_per_head": counts[1:].sum(axis=1).tolist(),
       "estimate": "joint" if joint is not None else "product",
@@ -368,7 +387,7 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
                       "heldout_fraction": float(config.data.heldout_fraction), "max_new_tokens": max_new_tokens,
                       "num_ranks": num_ranks, "generated_tokens": sum(map(len, generations)),
                       "model": config.model, "heads": source, "dtype": config.dtype},
-      "hardware": runtime.hardware(),
+      "hardware": hardware.info(),
   }
   result = {"choices": choices[:chosen - 1], "meta": meta, "table": rows, "accuracy": accuracy}
   if out:
@@ -406,8 +425,11 @@ def print_report(result: dict) -> None:
   print(f"path values: {meta.get('estimate', 'product')}; "
         f"per-head accuracy on {meta['calibration']['prompts']} held-out prompts "
         f"(backbone top-1 check: {meta['backbone_top1']:.3f}):")
-  for k, (row, n) in enumerate(zip(acc, meta["positions_per_head"]), 1):
-    print(f"  head {k}: top-1 {row[0]:.3f}  top-5 {row[min(4, len(row) - 1)]:.3f}  ({n} positions)")
+  given = meta.get("head_top1_given_path") or [None] * len(acc)
+  for k, (row, n, g) in enumerate(zip(acc, meta["positions_per_head"], given), 1):
+    print(f"  head {k}: top-1 {row[0]:.3f}  top-5 {row[min(4, len(row) - 1)]:.3f}"
+          + (f"  top-1 given heads 1..{k - 1} right {g:.3f}" if g is not None and k > 1 else "")
+          + f"  ({n} positions)")
   print(f"{'nodes':>6} | {'expected tokens/step':>20} | {'step ms':>8} | {'expected speedup':>16}")
   for r in result["table"]:
     mark = []
@@ -419,8 +441,7 @@ def print_report(result: dict) -> None:
           + (f"  <- {', '.join(mark)}" if mark else ""))
   if meta["vanilla_is_faster"]:
     print("  no tree beats vanilla decoding with these heads on this hardware")
-  hw = meta["hardware"]
-  print(f"  hardware: {hw['device_count']}x {hw['device_kind']} ({hw['cpu']}, {hw['cpu_count']} cores)")
+  print(f"  hardware: {hardware.describe(meta['hardware'])}")
 
 
 def main(argv):
@@ -433,7 +454,7 @@ def main(argv):
   config = cli.config()
   nodes = f.nodes.strip().lower()
   if nodes not in ("auto", "0") and not nodes.isdigit():
-    raise app.UsageError(f"--nodes must be a number of nodes, 0 or 'auto', not {f.nodes!r}.")
+    raise ValueError(f"--nodes must be a number of nodes, 0 or 'auto', not {f.nodes!r}.")
   loaded = runtime.load(config, heads=cli.HEADS.value, checkpoint=cli.CHECKPOINT.value)
   max_new = int(config.decode.max_new_tokens)  # --max_new_tokens lands here through cli.config()
   result = calibrate(
@@ -450,6 +471,7 @@ if __name__ == "__main__":
   # Flags are defined only when run as a program, so importing this module (notebooks, tests,
   # other CLIs with their own --num_prompts or --out) defines none.
   from medusa_jax import cli  # pylint: disable=g-import-not-at-top,unused-import  (defines --config etc.)
+  from medusa_jax import entry  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("nodes", "auto", "Tree size to write, root included; 0 or 'auto' picks the measured "
                       "size with the best expected speedup.")
   flags.DEFINE_integer("max_nodes", 64, "Largest tree considered by --nodes auto.")
@@ -459,8 +481,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("sizes", [str(s) for s in DEFAULT_SIZES], "Tree sizes whose step cost is measured.")
   flags.DEFINE_enum("estimate", "joint", list(ESTIMATES), "How a tree path's acceptance is estimated: "
                     "'joint' = measured frequency of the whole path, 'product' = product of per-head "
-                    "accuracies (DESIGN.md; assumes independent heads, underrates deep paths).")
+                    "accuracies (the paper's; assumes independent heads, underrates deep paths).")
   flags.DEFINE_integer("runs", 10, "Timed steps per size (the median is used).")
   flags.DEFINE_string("out", None, "Write the tree JSON here (loadable with --tree FILE).")
   flags.DEFINE_bool("plot", True, "Also save a PNG of the expected speedup next to --out.")
-  app.run(main)
+  entry.run(main)

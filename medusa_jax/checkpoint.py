@@ -3,18 +3,30 @@
 Training (``WORKDIR/checkpoints``): a ``CheckpointManager`` with two named items, ``state`` (the
 trainable params, optimizer state and step) and ``data`` (the grain iterator position, JSON), so a
 resumed run sees exactly the batches it would have seen. Frozen params are not saved: they come from
-the model loader, and ``WORKDIR/run_meta.json`` records which model they belong to. Saves are atomic
-(Orbax writes to a temporary directory and renames it when complete).
+the model loader, and ``WORKDIR/run_meta.json`` records which model they belong to.
+
+Saves are atomic: Orbax 0.12.8 writes step N into ``N.orbax-checkpoint-tmp/`` (each item into its
+own ``state.orbax-checkpoint-tmp/`` there, renamed when written), then ``commit_success.txt``, and
+renames the step directory last. A save killed at any point before that rename leaves only the tmp
+directory, which Orbax does not list as a step; ``TrainCheckpoints`` warns about it, never loads
+it, and removes it. A step directory without Orbax's commit files (a deletion of old steps
+that was killed half-way) is skipped the same way. A complete checkpoint whose files are damaged
+is not skipped: restoring it is an error that says so.
 
 Decoding (``WORKDIR/export``): the heads, plus the backbone when training changed it (Medusa-2),
-with ``export_meta.json`` naming the model, its architecture and the heads' config.
+with ``export_meta.json`` naming the model, its architecture and the heads' config. It is written
+whole into ``WORKDIR/export.incomplete`` and renamed into place, so a reader sees the previous
+export, no export, or the new one; never part of one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
+import shutil
 from typing import Any
 
 import jax
@@ -26,6 +38,8 @@ from medusa_jax import heads as heads_lib
 from medusa_jax import model as model_lib
 from medusa_jax.convert import WeightsError
 
+_log = logging.getLogger("medusa_jax.checkpoint")
+
 
 class CheckpointError(WeightsError):
   """A checkpoint that is partial, corrupt, or belongs to another model or run."""
@@ -34,7 +48,7 @@ class CheckpointError(WeightsError):
 def architecture(cfg: model_lib.ModelConfig) -> dict:
   """What must match for weights to be interchangeable (dtypes may differ)."""
   d = dataclasses.asdict(cfg)
-  for k in ("dtype", "param_dtype", "name", "max_seq_len", "bos_id", "eos_ids"):
+  for k in ("dtype", "param_dtype", "name", "max_seq_len", "sliding_window", "bos_id", "eos_ids"):
     d.pop(k)
   d["rope_scaling"] = list(d["rope_scaling"]) if d["rope_scaling"] else None
   return d
@@ -66,7 +80,12 @@ def _abstract(tree):
 # ----------------------------------------------------------------------------------------------
 
 class TrainCheckpoints:
-  """Saves every N steps and at the end, keeps the last few, restores the newest."""
+  """Saves every N steps and at the end, keeps the last few, restores the newest complete one."""
+
+  # What Orbax leaves of a save that did not finish (see the module docstring), and the files it
+  # writes last into a step before renaming it into place.
+  _TMP = re.compile(r"(\d+)\.orbax-checkpoint-tmp.*")
+  _COMMIT_FILES = ("commit_success.txt", "_CHECKPOINT_METADATA")
 
   def __init__(self, workdir: str, *, every: int, keep: int, meta: dict):
     self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -83,13 +102,47 @@ class TrainCheckpoints:
       os.makedirs(workdir, exist_ok=True)
       _write_json(meta_path, {"architecture": architecture(meta["cfg"]), "trainable": meta["trainable"],
                               "heads": meta["heads"], "model": meta["model"]})
+    unfinished = {int(m.group(1)): name for name in (os.listdir(self.dir) if os.path.isdir(self.dir) else ())
+                  if (m := self._TMP.fullmatch(name))}
     self.manager = ocp.CheckpointManager(
         self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                                        create=True, enable_async_checkpointing=False),
         item_names=("state", "data"))
+    steps = self.manager.all_steps()
+    newest = self.latest_step()
+    for s in sorted((set(unfinished) | set(steps)) - set(self._complete_steps())):
+      if newest is not None and s < newest and s in steps:
+        continue  # an old step whose deletion was interrupted: Orbax deletes it again in time
+      _log.warning("Checkpoint step %d in %s is incomplete (its save was interrupted): ignoring it; %s.",
+                   s, self.dir, f"the newest complete step is {newest}" if newest is not None else
+                   "no step is complete")
+      if s in steps:
+        # Orbax lists it, so saving this step again would fail ("already exists"): delete it the
+        # way Orbax deletes old steps.
+        self.manager.delete(s)
+      elif jax.process_index() == 0:
+        shutil.rmtree(os.path.join(self.dir, unfinished[s]), ignore_errors=True)
+
+  def _complete_steps(self) -> list[int]:
+    return [s for s in self.manager.all_steps() if self.complete(s)]
+
+  def complete(self, step: int) -> bool:
+    """Whether step ``step`` was saved to the end (Orbax renamed it into place, commit files inside)."""
+    path = os.path.join(self.dir, str(step))
+    return step in self.manager.all_steps() and all(os.path.isfile(os.path.join(path, f))
+                                                     for f in self._COMMIT_FILES)
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    """The newest complete step (incomplete ones are never returned; see the module docstring)."""
+    return max(self._complete_steps(), default=None)
+
+  def reached_preemption(self, step: int) -> bool:
+    """JAX's preemption sync point, through Orbax (False when jax.distributed is not initialised)."""
+    return self.manager.reached_preemption(step)
+
+  def should_save(self, step: int) -> bool:
+    """Whether a periodic save is due (every N steps; the first step of a run with none)."""
+    return self.manager.should_save(step)
 
   def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
     return self.manager.save(
@@ -97,6 +150,9 @@ class TrainCheckpoints:
                                       data=ocp.args.JsonSave(data_state or {})), force=force)
 
   def restore(self, step: int, target_state):
+    if not self.complete(step):
+      raise CheckpointError(f"Checkpoint step {step} in {self.dir} is incomplete (its save did not finish); "
+                            f"restore the newest complete one ({self.latest_step()}).")
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_abstract(target_state)), data=ocp.args.JsonRestore()))
@@ -117,18 +173,34 @@ class TrainCheckpoints:
 
 def save_export(path: str, cfg: model_lib.ModelConfig, hcfg: heads_lib.HeadsConfig, params: dict, *,
                 include_base: bool, model: str) -> None:
-  """Writes ``{'medusa': ...}`` (+ ``'base'`` if trained) and its metadata to ``path``."""
+  """Writes ``{'medusa': ...}`` (+ ``'base'`` if trained) and its metadata to ``path``, atomically.
+
+  Everything goes to the sibling ``PATH.incomplete`` first (the same name on every host, and a
+  leftover of a killed export is overwritten); host 0 then moves a previous export aside, renames
+  the new one into place and deletes the old one. Killed in between, ``PATH`` is missing (never
+  half-written) and rerunning the training command exports again.
+  """
   path = os.path.abspath(path)
   tree = {"medusa": params["medusa"]}
   if include_base:
     tree["base"] = params["base"]
+  tmp, old = path + ".incomplete", path + ".old"
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(path, "params"), tree, force=True)
+  ckptr.save(os.path.join(tmp, "params"), tree, force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    _write_json(os.path.join(path, "export_meta.json"), {
+    _write_json(os.path.join(tmp, "export_meta.json"), {
         "architecture": architecture(cfg), "heads": dataclasses.asdict(hcfg), "includes_base": include_base,
         "model": model})
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+      os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  if jax.process_count() > 1:
+    # No host reports the export written before it is in place.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("save_export")
 
 
 def load_export(path: str, cfg: model_lib.ModelConfig, base) -> tuple[dict, heads_lib.HeadsConfig]:

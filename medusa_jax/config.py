@@ -26,8 +26,9 @@ def default_config() -> ConfigDict:
   # draft_vocab > 0: heads propose only the N most frequent training tokens (exact verification
   # is unchanged; their LM projection shrinks V/N times, for training and for decoding).
   # next_token_input: heads also read the backbone's next token (not in the paper; heads.py).
+  # kind: medusa (the paper's heads) | sequential (Hydra-style: head m also reads its drafted path).
   c.heads = ConfigDict(dict(num_heads=5, num_layers=1, shared_lm_head=True, draft_vocab=0,
-                            next_token_input=False))
+                            next_token_input=False, kind="medusa"))
 
   c.decode = ConfigDict(dict(
       mode="vanilla",          # vanilla | medusa
@@ -37,6 +38,7 @@ def default_config() -> ConfigDict:
       top_p=1.0,
       typical_epsilon=0.09,
       typical_delta=0.3,
+      typical_bonus="greedy",  # typical acceptance's unverified tokens: greedy (the paper) | sample
       max_new_tokens=128,
   ))
 
@@ -88,6 +90,7 @@ def default_config() -> ConfigDict:
       eval_batches=4,
       checkpoint_every=100,
       keep_checkpoints=3,
+      max_nonfinite_steps=10,  # non-finite loss/grad-norm steps are skipped; this many in a row stop the run
   ))
 
   # Device mesh: axis sizes (-1 = the rest of the devices) and logical-to-mesh axis rules.
@@ -112,6 +115,50 @@ def default_config() -> ConfigDict:
       distributed_init="auto",  # auto (multi-host TPU/GPU environments) | always | never
   ))
   return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants: configs/x.py:tiny, configs/x.py:tiny,lora
+# ----------------------------------------------------------------------------------------------
+
+def parse_arg(arg: str | None) -> list[str]:
+  """The variant names of ``configs/x.py:a,b`` (``arg`` = 'a,b'), in order; [] for none."""
+  return [a.strip() for a in (arg or "").split(",") if a.strip()]
+
+
+def apply_variants(c: ConfigDict, arg: str | None, variants: dict, where: str) -> ConfigDict:
+  """Applies each named variant of ``arg`` to ``c`` in order (``variants[name](c)``; later ones win).
+
+  Every config file ends with this call, so ``:tiny`` and combinations such as ``:tiny,lora`` mean
+  the same everywhere; an unknown name is an error listing the known ones.
+  """
+  for name in parse_arg(arg):
+    if name not in variants:
+      raise ValueError(f"Unknown variant {name!r} of {where} (known: {', '.join(sorted(variants))}).")
+    variants[name](c)
+  return c
+
+
+def tiny(c: ConfigDict) -> None:
+  """Shrinks any config to a run the tests finish in seconds: a 2-layer random model with
+  SmolLM2's tokenizer, a few short steps; Medusa-2 stages and ramps scaled down with it."""
+  c.model = "random-tiny"
+  c.data.max_len = 64
+  c.distill.num_prompts = 8
+  c.distill.max_prompt_len = 48
+  c.distill.max_new_tokens = 8
+  c.distill.batch_size = 16
+  c.train.steps = 6
+  c.train.batch_size = 2
+  c.train.seq_len = 64
+  c.train.log_every = 2
+  c.train.eval_every = 3
+  c.train.eval_batches = 1
+  c.train.checkpoint_every = 2
+  for key in ("heads_only_steps", "backbone_warmup_steps", "lambda0_ramp_steps"):
+    if c.train[key]:
+      c.train[key] = 2
+  c.decode.max_new_tokens = 8
 
 
 def sibling_config(config_file: str, name: str):
@@ -143,9 +190,9 @@ def sampling(config: ConfigDict):
 
 
 def medusa_spec(config: ConfigDict, hcfg=None, tree_spec: str | None = None):
-  from medusa_jax import decode, tree  # pylint: disable=g-import-not-at-top
+  from medusa_jax import medusa, tree  # pylint: disable=g-import-not-at-top
   hcfg = hcfg or heads_config(config)
   d = config.decode
-  return decode.MedusaSpec(heads=hcfg, tree=tree.resolve(tree_spec or d.tree, num_heads=hcfg.num_heads),
+  return medusa.MedusaSpec(heads=hcfg, tree=tree.resolve(tree_spec or d.tree, num_heads=hcfg.num_heads),
                            acceptance=d.acceptance, typical_epsilon=float(d.typical_epsilon),
-                           typical_delta=float(d.typical_delta))
+                           typical_delta=float(d.typical_delta), typical_bonus=d.typical_bonus)

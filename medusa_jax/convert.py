@@ -44,6 +44,11 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   eos = hf.get("eos_token_id", 2)
   eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
   H = hf["num_attention_heads"]
+  context = int(hf.get("max_position_embeddings", 8192))
+  # Within its window, sliding-window attention is plain causal attention; beyond it this decoder
+  # would attend to tokens the model never saw together, so the context is capped at the window.
+  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+  window = int(window) if window and int(window) < context else None
   kw = dict(
       vocab_size=hf["vocab_size"], dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
       num_heads=H, num_kv_heads=hf.get("num_key_value_heads") or H,
@@ -51,7 +56,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
       rope_theta=float(theta), rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       qkv_bias=bool(hf.get("attention_bias", mt == "qwen2")),
-      max_seq_len=int(hf.get("max_position_embeddings", 8192)), bos_id=hf.get("bos_token_id"),
+      max_seq_len=window or context, sliding_window=window, bos_id=hf.get("bos_token_id"),
       eos_ids=eos, name=mt)
   kw.update(overrides)
   return ModelConfig(**kw)
@@ -71,6 +76,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   }
   if mt != "qwen2":
     out["attention_bias"] = cfg.qkv_bias
+  if cfg.sliding_window:
+    out["sliding_window"] = cfg.sliding_window
   if cfg.rope_scaling is not None:
     f, lo, hi, orig = cfg.rope_scaling
     out["rope_scaling"] = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
@@ -253,6 +260,7 @@ def load_gguf(path: str, dtype="float32", **config_overrides) -> tuple[ModelConf
       "tie_word_embeddings": "output.weight" not in tensors,
       "attention_bias": "blk.0.attn_q.bias" in tensors,
       "max_position_embeddings": int(a("context_length", 8192)),
+      "sliding_window": a("attention.sliding_window"),
       "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
       "eos_token_id": int(eos) if eos is not None else None,
   }
@@ -479,6 +487,9 @@ def save_medusa_heads(path: str, hcfg, cfg: ModelConfig, medusa_params: dict,
     # Dropping vocab_ids would silently let the heads propose tokens they never learnt.
     raise WeightsError(f"The release format has no draft vocabulary; these heads propose only "
                        f"{hcfg.draft_vocab} tokens. Export them with the checkpoint instead.")
+  if getattr(hcfg, "kind", "medusa") != "medusa":
+    raise WeightsError(f"The release format holds Medusa heads only, not {hcfg.kind} heads (they read the "
+                       "drafted path as well as the hidden state). Export them with the checkpoint instead.")
   if getattr(hcfg, "next_token_input", False):
     raise WeightsError("The release format has no next-token input (HeadsConfig.next_token_input): its "
                        "heads read only the hidden state. Export them with the checkpoint instead.")

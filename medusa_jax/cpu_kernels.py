@@ -1,22 +1,27 @@
-"""A CPU matmul for decoding's few-row projections, as an XLA FFI custom call.
+"""A CPU matmul for decoding's few-row projections, as an XLA FFI custom call: kernel mechanics only.
 
-A decode step multiplies 1 to ~64 rows (one token per sequence, or a Medusa tree's nodes) by every
+A decode step multiplies a few rows (one token per sequence, or a Medusa tree's nodes) by every
 weight matrix, so on a CPU it is bound by how fast the weights stream from memory. XLA-CPU streams
 them well for one row (a matrix-vector product) but switches to a GEMM kernel from two rows on,
-which re-packs the weights: on the 2-core Zen 4 this project measures on, 2 rows cost ~1.25x one
-row and 8 rows ~1.4x (``python -m medusa_jax.cpu_kernels --bench``). ``csrc/cpu_matmul.cc`` reads
-weights stored as contiguous 32-column panels once per call whatever the row count up to 8, which
-makes one row faster than XLA's and a small tree cost little more than one row.
+which re-packs the weights on every call. ``csrc/cpu_matmul.cc`` reads weights stored as contiguous
+32-column panels (``pack``) once per call whatever the row count up to 8.
 
-Use:
-  * ``decode_params(cfg, params)`` adds packed copies of the backbone's matrices (``*_p`` keys) to
-    a params pytree, once, outside jit; ``model.forward`` uses them when present. Training never
-    sees them. Decoders do this themselves (``decode.Decoder``).
-  * It is active for float32 on a single CPU device, when the library builds (a C++17 compiler;
-    compiled on first use, cached under ``$MEDUSA_JAX_CACHE`` or ``~/.cache/medusa_jax``).
-    ``MEDUSA_JAX_CPU_KERNELS=0`` turns it off (XLA's own dots, e.g. for an A/B benchmark);
-    ``MEDUSA_JAX_KERNEL_THREADS=n`` caps the threads it uses (default: XLA's intra-op pool).
-  * Prefill-sized calls (more than ``MAX_ROWS`` rows) keep XLA's dot on the unpacked weights.
+Whether that wins, and up to how many rows, depends on the machine: on a 2-core AMD EPYC it beat
+XLA's dot at every row count up to 128; on a 2-core Intel Xeon it tied at 1 row and lost from 16
+rows on. So the crossover is *measured* (``tune``), on the machine that runs it, by timing one
+decode step's projections of SmolLM2's shapes with both at row counts 1..128, and cached beside the
+compiled library. ``make setup`` does this (``python -m medusa_jax.cpu_kernels``); otherwise the
+first decoder that packs weights does (``max_rows``, about half a minute, once per machine).
+
+This module imports nothing from the package: the model owns the packed layout (which matrices
+are packed, fused how: ``model.pack_weights``) and calls ``use_kernel`` / ``matmul`` here.
+
+Settings (environment):
+  * ``MEDUSA_JAX_CPU_KERNELS=0`` turns the kernel off (XLA's own dots, e.g. for an A/B benchmark).
+  * ``MEDUSA_JAX_KERNEL_MAX_ROWS=n`` overrides the measured crossover (0: never).
+  * ``MEDUSA_JAX_KERNEL_THREADS=n`` caps the threads the kernel uses (default: XLA's intra-op pool).
+  * ``MEDUSA_JAX_CACHE`` moves the cache (default ``~/.cache/medusa_jax``).
+It is used for float32 on a single CPU device only, when a C++17 compiler can build it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -40,10 +46,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PANEL = 32
-MAX_ROWS = 128  # measured faster than XLA up to here (--bench); larger calls (prefill) keep XLA
 TARGET = "medusa_cpu_matmul"
 ENV = "MEDUSA_JAX_CPU_KERNELS"
+ROWS_ENV = "MEDUSA_JAX_KERNEL_MAX_ROWS"
+# Row counts the crossover is measured at: one token, small trees, batched decoding (distillation
+# runs at 32 rows), up to a 128-row call.
+TUNE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _SRC = os.path.join(os.path.dirname(__file__), "csrc", "cpu_matmul.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
 class KernelBuildError(RuntimeError):
@@ -61,6 +71,15 @@ def _compiler() -> str | None:
   return None
 
 
+def _machine_dir(cxx: str) -> str:
+  """The cache directory of this source, compiler, jax and machine: the library and its tuning."""
+  with open(_SRC, "rb") as f:
+    src = f.read()
+  key = hashlib.sha256(b"\0".join([src, cxx.encode(), jax.__version__.encode(), platform.machine().encode(),
+                                   platform.node().encode(), " ".join(_FLAGS).encode()])).hexdigest()[:16]
+  return os.path.join(_cache_dir(), "kernels", key)
+
+
 def build(force: bool = False) -> str:
   """Compiles ``csrc/cpu_matmul.cc`` for this machine (``-march=native``); returns the library path.
 
@@ -70,18 +89,14 @@ def build(force: bool = False) -> str:
   cxx = _compiler()
   if cxx is None:
     raise KernelBuildError("no C++ compiler found (set CXX, or install g++ / clang++)")
-  with open(_SRC, "rb") as f:
-    src = f.read()
-  flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-I", jax.ffi.include_dir()]
-  key = hashlib.sha256(b"\0".join([src, cxx.encode(), jax.__version__.encode(), platform.machine().encode(),
-                                   platform.node().encode(), " ".join(flags).encode()])).hexdigest()[:16]
-  path = os.path.join(_cache_dir(), "kernels", key, "libmedusa_cpu.so")
+  path = os.path.join(_machine_dir(cxx), "libmedusa_cpu.so")
   if os.path.exists(path) and not force:
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
-  proc = subprocess.run([cxx, *flags, _SRC, "-o", tmp], capture_output=True, text=True)
+  proc = subprocess.run([cxx, *_FLAGS, "-I", jax.ffi.include_dir(), _SRC, "-o", tmp], capture_output=True,
+                        text=True)
   if proc.returncode != 0:
     os.unlink(tmp)
     raise KernelBuildError(f"{cxx} failed to build {_SRC}:\n{proc.stderr[-2000:]}")
@@ -101,11 +116,11 @@ def _load() -> bool:
 
 
 def enabled() -> bool:
-  """Whether decoding on this process's default backend uses the kernel (see the module doc)."""
+  """Whether decoding on this process's default backend may use the kernel (see the module doc)."""
   setting = os.environ.get(ENV, "auto").strip().lower()
   if setting in ("0", "false", "off", "no"):
     return False
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
     return False
   return _load()
 
@@ -131,67 +146,25 @@ def matmul(x, packed, out_features: int):
 
 
 def use_kernel(x, packed) -> bool:
-  """Whether a projection of ``x`` (rows = all but the last axis) should go through the kernel."""
-  return packed is not None and int(np.prod(x.shape[:-1])) <= MAX_ROWS and x.dtype == jnp.float32
+  """Whether the projection of ``x`` (rows = all but its last axis) by the packed matrix ``packed``
+  (None: not packed) goes through the kernel: float32, and no more rows than measured to win."""
+  return (packed is not None and x.dtype == jnp.float32
+          and int(np.prod(x.shape[:-1])) <= max_rows())
 
 
 # ----------------------------------------------------------------------------------------------
-# Packed copies of a backbone's matrices
+# The measured crossover
 # ----------------------------------------------------------------------------------------------
 
-def _layer_packed(p) -> dict:
-  D = p["wq"].shape[0]
-  qkv = jnp.concatenate([p["wq"].reshape(D, -1), p["wk"].reshape(D, -1), p["wv"].reshape(D, -1)], axis=1)
-  wo = p["wo"].reshape(-1, p["wo"].shape[-1])
-  return {"qkv_p": pack(qkv), "wo_p": pack(wo), "gate_up_p": pack(jnp.concatenate([p["w_gate"], p["w_up"]], 1)),
-          "down_p": pack(p["w_down"])}
+def _tuning_path() -> str | None:
+  cxx = _compiler()
+  return None if cxx is None else os.path.join(_machine_dir(cxx), "dispatch.json")
 
 
-def is_packed(params) -> bool:
-  base = params.get("base", params)
-  return "lm_head_p" in base
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _pack_backbone(cfg, base):
-  new = dict(base)
-  for i in range(cfg.num_layers):
-    new[f"layers_{i}"] = {**base[f"layers_{i}"], **_layer_packed(base[f"layers_{i}"])}
-  from medusa_jax import model as model_lib  # pylint: disable=g-import-not-at-top  (model imports this module)
-  new["lm_head_p"] = pack(model_lib.lm_head_weight(cfg, base))
-  return new
-
-
-# (cfg, the backbone leaves it was made from, packed backbone): the decoders of one model (vanilla
-# and Medusa in a benchmark, calibration's step timers) share one packed copy.
-_last = None
-
-
-def decode_params(cfg, params):
-  """``params`` ({base, medusa} or a bare backbone) with packed copies added, when ``enabled()``
-  and the weights are float32; otherwise ``params`` itself. Idempotent; the packed backbone is
-  made once for the most recent backbone and reused."""
-  global _last
-  base = params.get("base", params) if isinstance(params, dict) else None
-  if base is None or is_packed(params) or not enabled():
-    return params
-  if base["embed"].dtype != jnp.float32 or cfg.compute_dtype != jnp.float32:
-    return params
-  leaves = jax.tree.leaves(base)
-  if any(len(leaf.sharding.device_set) > 1 for leaf in leaves if hasattr(leaf, "sharding")):
-    return params  # sharded over a mesh: the custom call has no partitioning rule
-  if _last is None or _last[0] != cfg or len(_last[1]) != len(leaves) or any(
-      a is not b for a, b in zip(_last[1], leaves)):
-    _last = (cfg, leaves, _pack_backbone(cfg, base))
-  return {**params, "base": _last[2]} if "base" in params else _last[2]
-
-
-# ----------------------------------------------------------------------------------------------
-# python -m medusa_jax.cpu_kernels [--bench]
-# ----------------------------------------------------------------------------------------------
-
-def _bench(rows: list[int], repeats: int) -> None:
-  """Times SmolLM2's per-step projections (30 layers + LM head) with XLA's dot and the kernel."""
+def _time_projections(rows, repeats: int) -> list[tuple[float, float]]:
+  """Median ms of one decode step's projections (SmolLM2's 30 layers' q|k|v, o, gate|up, down and
+  its LM head) at each row count: (XLA's dot, the kernel). Row counts take turns, so that a burst
+  of machine noise hits them alike."""
   L, D, F, V = 30, 576, 1536, 49152
   rng = np.random.default_rng(0)
   shapes = [(D, 960), (D, D), (D, 2 * F), (F, D)]
@@ -208,38 +181,128 @@ def _bench(rows: list[int], repeats: int) -> None:
       x = x + 0.01 * mm(jax.nn.silu(g[:, :F]) * g[:, F:], dn, D)
     return jnp.argmax(mm(x, emb, V), -1)
 
-  xla = jax.jit(lambda x, ws, emb: chain(x, ws, emb, lambda a, w, n: a @ w))
-  ker = jax.jit(lambda x, ws, emb: chain(x, ws, emb, matmul))
-  print(f"{'rows':>5} {'XLA dot ms':>11} {'kernel ms':>10} {'ratio':>6}")
-  for n in rows:
-    x = jnp.ones((n, D), jnp.float32)
-    out = []
-    for fn, w, e in ((xla, ws, emb), (ker, packed, emb_p)):
-      fn(x, w, e).block_until_ready()
-      ts = []
-      for _ in range(repeats):
+  fns = (jax.jit(lambda x, ws, emb: chain(x, ws, emb, lambda a, w, n: a @ w)),
+         jax.jit(lambda x, ws, emb: chain(x, ws, emb, matmul)))
+  args = ((ws, emb), (packed, emb_p))
+  xs = {n: jnp.ones((n, D), jnp.float32) for n in rows}
+  for n in rows:  # compile and warm up every shape first
+    for fn, a in zip(fns, args):
+      fn(xs[n], *a).block_until_ready()
+  times = {(n, i): [] for n in rows for i in range(2)}
+  for _ in range(repeats):
+    for n in rows:
+      for i, (fn, a) in enumerate(zip(fns, args)):
         t = time.perf_counter()
-        fn(x, w, e).block_until_ready()
-        ts.append(time.perf_counter() - t)
-      out.append(1e3 * float(np.median(ts)))
-    print(f"{n:>5} {out[0]:>11.1f} {out[1]:>10.1f} {out[0] / out[1]:>6.2f}", flush=True)
+        fn(xs[n], *a).block_until_ready()
+        times[n, i].append(time.perf_counter() - t)
+  return [(1e3 * float(np.median(times[n, 0])), 1e3 * float(np.median(times[n, 1]))) for n in rows]
+
+
+# A kernel within this fraction of XLA's time counts as a tie, which the kernel wins: one row's
+# result must round the same in a vanilla step and in a tree's verify step (greedy Medusa then
+# emits exactly vanilla's tokens), so the kernel serves a contiguous range of row counts from 1.
+TIE = 0.03
+
+
+def crossover(rows, times) -> int:
+  """The largest measured row count up to which the kernel is at least as fast as XLA's dot at every
+  measured count, a tie (within ``TIE``) counting as a win; 0 if it loses already at one row or
+  never wins outright. A count between two measured ones uses the smaller's verdict."""
+  best, won = 0, False
+  for n, (xla_ms, kernel_ms) in zip(rows, times):
+    if kernel_ms > xla_ms * (1 + TIE):
+      break
+    best, won = n, won or kernel_ms < xla_ms
+  return best if won else 0
+
+
+def tune(rows=TUNE_ROWS, repeats: int = 5) -> dict:
+  """Measures the crossover on this machine and caches it beside the library; returns the record."""
+  if not _load():
+    raise KernelBuildError("the kernel did not build or load; see the warning above")
+  rows = tuple(sorted(rows))
+  times = _time_projections(rows, repeats)
+  from medusa_jax import hardware  # pylint: disable=g-import-not-at-top  (a leaf too)
+  record = {"max_rows": crossover(rows, times), "rows": list(rows),
+            "xla_ms": [round(a, 3) for a, _ in times], "kernel_ms": [round(b, 3) for _, b in times],
+            "cpu": hardware.cpu_model(), "threads_env": os.environ.get("MEDUSA_JAX_KERNEL_THREADS"),
+            "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+  path = _tuning_path()
+  fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(path))
+  with os.fdopen(fd, "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(tmp, path)
+  _tuned.cache_clear()
+  return record
+
+
+@functools.cache
+def _tuned() -> dict | None:
+  path = _tuning_path()
+  if path is None or not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def tuning() -> dict:
+  """This machine's measured crossover record, measuring it first if it is not cached yet."""
+  record = _tuned()
+  if record is None:
+    log.warning("Measuring where the CPU decode kernel beats XLA's dot on this machine (once; "
+                "`python -m medusa_jax.cpu_kernels` does it ahead of time) ...")
+    record = tune()
+    log.warning("CPU decode kernel: used for projections of up to %d rows here.", record["max_rows"])
+  return record
+
+
+def max_rows() -> int:
+  """Projections of at most this many rows use the kernel (``MEDUSA_JAX_KERNEL_MAX_ROWS`` or measured)."""
+  forced = os.environ.get(ROWS_ENV)
+  if forced is not None and forced.strip():
+    return int(forced)
+  return int(tuning()["max_rows"])
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m medusa_jax.cpu_kernels [--bench] [--tune]
+# ----------------------------------------------------------------------------------------------
+
+def report(record: dict) -> str:
+  lines = [f"{'rows':>5} {'XLA dot ms':>11} {'kernel ms':>10} {'XLA/kernel':>11}  path"]
+  for n, a, b in zip(record["rows"], record["xla_ms"], record["kernel_ms"]):
+    lines.append(f"{n:>5} {a:>11.1f} {b:>10.1f} {a / b:>11.2f}  "
+                 + ("kernel" if n <= record["max_rows"] else "XLA"))
+  m = record["max_rows"]
+  why = ("the kernel was slower than XLA's dot from one row on, or never faster" if m == 0 else
+         f"the kernel was at least as fast as XLA's dot (within {TIE:.0%}) at every measured count up to "
+         f"{m} rows" + ("" if m == record["rows"][-1] else ", and slower at the next one"))
+  lines.append(f"chosen: kernel for projections of <= {m} rows, XLA's dot above ({why}); "
+               f"measured {record['measured']} on {record['cpu']}")
+  return "\n".join(lines)
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(
       prog="python -m medusa_jax.cpu_kernels",
-      description="Build the CPU decode kernel (csrc/cpu_matmul.cc) for this machine, and optionally "
-                  "time SmolLM2's per-step projections with it against XLA's own dot.")
-  ap.add_argument("--force", action="store_true", help="rebuild even if a cached library exists")
-  ap.add_argument("--bench", action="store_true", help="time XLA dot vs the kernel per row count")
-  ap.add_argument("--rows", default="1,2,4,8,16,32,64", help="row counts for --bench")
-  ap.add_argument("--repeats", type=int, default=20)
+      description="Build the CPU decode kernel (csrc/cpu_matmul.cc) for this machine and measure up to "
+                  "how many rows it beats XLA's own dot (cached; decoders dispatch on it).")
+  ap.add_argument("--force", action="store_true", help="rebuild the library and measure again")
+  ap.add_argument("--tune", action="store_true", help="measure the crossover again")
+  ap.add_argument("--bench", action="store_true", help="print the measurements and the choice made from them")
+  ap.add_argument("--rows", default=",".join(map(str, TUNE_ROWS)), help="row counts to measure at")
+  ap.add_argument("--repeats", type=int, default=5, help="timed calls per row count (the median is used)")
   args = ap.parse_args(argv)
   print(build(force=args.force))
-  if args.bench:
-    if not _load():
-      raise SystemExit("the kernel did not load; see the warning above")
-    _bench([int(r) for r in args.rows.split(",")], args.repeats)
+  if not _load():
+    raise SystemExit("error: the kernel did not load; see the warning above")
+  record = _tuned()
+  if record is None or args.tune or args.force or args.bench:
+    record = tune(tuple(int(r) for r in args.rows.split(",")), args.repeats)
+  print(report(record))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
   python -m medusa_jax.distill --config configs/smollm2.py --config.distill.num_prompts=4096 \
       --config.distill.temperature=0.3
 
-Heads trained on another model's text learn to predict that model, not ours (DESIGN.md,
+Heads trained on another model's text learn to predict that model, not ours (the Medusa paper,
 "Self-distillation"). So the backbone replies to the first user turn of ShareGPT conversations
 itself, and the dataset is those one-turn conversations. Only conversations in the *train* split
 (``data.is_heldout`` is False) are answered: heldout ids are left for calibration and evaluation.
@@ -15,6 +15,10 @@ per line (``{"id", "conversations": [{"from": "human", ...}, {"from": "gpt", ...
 run resumes where it stopped; raising ``num_prompts`` later reuses every reply already there. The
 replies are then materialised as a TFDS dataset named by ``dataset_name(config)`` under
 ``config.data.data_dir``, which is what ``train.py`` reads when ``config.data.source='distilled'``.
+
+Interruptions: SIGTERM or SIGINT lets the batch in progress finish and reach the disk (flushed and
+fsynced), logs a line and exits 0 without building the dataset; a kill -9 can cut the last record
+short, and ``read_replies`` drops such a line. Either way the same command resumes.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ import re
 import time
 from typing import Iterator, Sequence
 
-from absl import app, flags
+from absl import flags
 import jax
 
 from medusa_jax import bundled
 from medusa_jax import data
 from medusa_jax import decode
+from medusa_jax import preemption
 from medusa_jax import runtime
 
 _log = logging.getLogger("medusa_jax.distill")  # not __name__: that is __main__ under -m
@@ -248,24 +253,26 @@ def heldout_eval_prompts(config, tokenizer, num: int, path: str | None = None) -
 def generate_replies(config, loaded: runtime.Loaded, prompts: Sequence[Prompt], out_dir: str) -> dict:
   """Answers the prompts not yet in ``out_dir/replies.jsonl``, appending a batch at a time.
 
-  Returns ``{'prompts', 'new', 'tokens', 'seconds'}`` for this run.
+  A SIGTERM or SIGINT stops it after the batch in progress is on disk. Returns ``{'prompts',
+  'new', 'tokens', 'seconds', 'stopped'}`` for this run (``stopped``: the signal's name, or None).
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   d = config.distill
   path = os.path.join(out_dir, REPLIES_FILE)
   done = read_replies(path)
   todo = [p for p in prompts if p.id not in done]
-  stats = {"prompts": len(prompts), "new": len(todo), "tokens": 0, "seconds": 0.0}
+  stats = {"prompts": len(prompts), "new": len(todo), "tokens": 0, "seconds": 0.0, "stopped": None}
   if not todo:
     return stats
   sampling = decode.Sampling(temperature=float(d.temperature), max_new_tokens=int(d.max_new_tokens))
-  decoder = decode.make_decoder(loaded.cfg, sampling)
+  decoder = decode.Decoder(loaded.cfg, sampling)
   eos = loaded.cfg.eos_ids
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(done))
   bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit=" prompt")
   t0 = time.perf_counter()
-  with open(path, "a", encoding="utf-8") as f:
-    for idx, outs in batched_generate(decoder, loaded.params, [p.tokens for p in todo], int(d.batch_size), rng):
+  with preemption.StopSignals() as stop, open(path, "a", encoding="utf-8") as f:
+    dparams = decoder.prepare(loaded.params)
+    for idx, outs in batched_generate(decoder, dparams, [p.tokens for p in todo], int(d.batch_size), rng):
       for i, toks in zip(idx, outs):
         p = todo[i]
         rec = {"id": p.id, "conversations": [
@@ -279,12 +286,17 @@ def generate_replies(config, loaded: runtime.Loaded, prompts: Sequence[Prompt], 
       stats["seconds"] = time.perf_counter() - t0
       bar.update(len(idx))
       bar.set_postfix(tok_s=f"{stats['tokens'] / stats['seconds']:.1f}")
+      if stop.received:
+        stats["stopped"] = stop.received
+        break
   bar.close()
   return stats
 
 
-def distill(config, loaded: runtime.Loaded, out_dir: str, *, sharegpt_path: str | None = None) -> str:
+def distill(config, loaded: runtime.Loaded, out_dir: str, *, sharegpt_path: str | None = None) -> str | None:
   """Generates the replies (resuming), builds the TFDS dataset and returns its name.
+
+  Stopped by SIGTERM / SIGINT, it logs how far it got and returns None (no dataset yet).
 
   Args:
     config: a ConfigDict; reads ``config.distill``, ``config.data`` (data_dir, max_len,
@@ -318,6 +330,10 @@ def distill(config, loaded: runtime.Loaded, out_dir: str, *, sharegpt_path: str 
     raise ValueError("No ShareGPT prompts to distill: raise config.distill.max_prompt_len?")
   stats = generate_replies(config, loaded, prompts, out_dir)
   replies = read_replies(os.path.join(out_dir, REPLIES_FILE))
+  if stats["stopped"]:
+    _log.warning("Stopped by %s: %d of %d replies are on disk in %s; run the same command again to resume.",
+                 stats["stopped"], sum(p.id in replies for p in prompts), len(prompts), out_dir)
+    return None
   conversations = [replies[p.id] for p in prompts]
   build(conversations)
   rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else float("nan")
@@ -336,6 +352,8 @@ def main(argv):
   loaded = runtime.load(config)
   out_dir = flags.FLAGS.workdir or default_workdir(config)
   name = distill(config, loaded, out_dir)
+  if name is None:  # stopped by a signal: the line above says how far it got
+    return
   print(f"dataset {name} in {config.data.data_dir} (replies in {out_dir})")
 
 
@@ -345,4 +363,5 @@ if __name__ == "__main__":
   from medusa_jax import cli  # pylint: disable=g-import-not-at-top,unused-import  (defines --config)
   flags.DEFINE_string("workdir", None, "Where replies.jsonl is written and resumed from "
                       "(default runs/distill/<settings>).")
-  app.run(main)
+  from medusa_jax import entry  # pylint: disable=g-import-not-at-top
+  entry.run(main)

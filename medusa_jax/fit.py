@@ -73,6 +73,7 @@ from medusa_jax import bundled
 from medusa_jax import config as config_lib
 from medusa_jax import convert
 from medusa_jax import decode
+from medusa_jax import medusa
 from medusa_jax import sharding
 from medusa_jax import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -176,18 +177,21 @@ def check_decode(config, cfg, hcfg, weights_dtype, mesh, *, batch: int, prompt_l
   out = {"mesh": sharding.describe(mesh), "batch": batch, "prompt_len": prompt_len,
          "tree_nodes": spec.tree.num_nodes, "params": sharding.shard_bytes(params, p_sh), "programs": {}}
   for mode in ("vanilla", "medusa"):
-    dec = decode.make_decoder(cfg, sampling, spec if mode == "medusa" else None, placement=placement)
+    dec = medusa.make_decoder(cfg, sampling, spec if mode == "medusa" else None, placement=placement)
+    dp = jax.eval_shape(dec.prepare, params_in)  # abstract DecodeParams: the heads' loop-invariant weights
+    dp = sharding.with_shardings(dp, placement.decode_params(dp))
     P, S = decode.plan_cache(cfg, [prompt_len] * batch, sampling.max_new_tokens, dec.room)
-    prefill_j, step_j, _, in_sh = dec.sharded_jits(params_in, batch, P, S)
-    pre_args = (params_in, jax.ShapeDtypeStruct((batch, P), jnp.int32, sharding=in_sh[1]),
+    prefill_j, in_sh = dec.prefill_program(dp, batch, P, S)
+    pre_args = (dp, jax.ShapeDtypeStruct((batch, P), jnp.int32, sharding=in_sh[1]),
                 jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=in_sh[2]),
                 jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=in_sh[3]))
     state = jax.eval_shape(prefill_j, *pre_args)
     state = sharding.with_shardings(state, placement.state(state))
+    step_j = dec.state_programs(dp, state)[0]
     t0 = time.perf_counter()
     if mode == "medusa":  # the vanilla prefill is the Medusa one without the heads: check the larger
       out["programs"]["prefill"] = dict(_memory(prefill_j.lower(*pre_args).compile()), capacity=S)
-    out["programs"][f"{mode} step"] = dict(_memory(step_j.lower(params_in, state).compile()), capacity=S)
+    out["programs"][f"{mode} step"] = dict(_memory(step_j.lower(dp, state).compile()), capacity=S)
     out["programs"][f"{mode} step"]["compile_s"] = time.perf_counter() - t0
     out["cache"] = max(out.get("cache", 0), sharding.shard_bytes(state.cache, placement.state(state).cache))
   return out
@@ -258,13 +262,11 @@ def main(argv):
   runtime.quiet_jax_logs()
   f = flags.FLAGS
   if f.devices and jax.device_count() != f.devices:
-    raise SystemExit(f"--devices {f.devices}: JAX has {jax.device_count()} devices (set XLA_FLAGS before JAX starts).")
+    raise ValueError(f"--devices {f.devices}: JAX has {jax.device_count()} devices (set XLA_FLAGS before JAX starts).")
   t0 = time.perf_counter()
-  try:
-    report = run(f.config, mesh=f.mesh, decode_mesh=f.decode_mesh, decode_batch=f.decode_batch,
-                 prompt_len=f.prompt_len, only=f.only)
-  except ValueError as e:  # a mesh that does not divide, a batch that does not split, no architecture
-    raise SystemExit(f"fit: {e}") from None
+  # A mesh that does not divide, a batch that does not split, no architecture: one-line errors (entry.run).
+  report = run(f.config, mesh=f.mesh, decode_mesh=f.decode_mesh, decode_batch=f.decode_batch,
+               prompt_len=f.prompt_len, only=f.only)
   print(format_report(report))
   print(f"[{time.perf_counter() - t0:.0f} s]")
   if f.json:
@@ -288,6 +290,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from medusa_jax import entry  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  entry.run(main)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 
 from medusa_jax import cli
+from medusa_jax import entry
 from medusa_jax import config as config_lib
-from medusa_jax import decode, runtime
+from medusa_jax import medusa, runtime
 
 _PROMPT = flags.DEFINE_string("prompt", None, "The user message to answer.")
 
@@ -24,11 +25,11 @@ def main(argv):
   del argv
   runtime.quiet_jax_logs()
   if not _PROMPT.value:
-    raise app.UsageError("--prompt is required.")
+    raise ValueError("--prompt is required.")
   config = cli.config()
   loaded = runtime.load(config, heads=cli.HEADS.value, checkpoint=cli.CHECKPOINT.value)
   spec = config_lib.medusa_spec(config, loaded.heads) if config.decode.mode == "medusa" else None
-  decoder = decode.make_decoder(loaded.cfg, config_lib.sampling(config), spec)
+  decoder = medusa.make_decoder(loaded.cfg, config_lib.sampling(config), spec)
   prompt = runtime.chat_prompt(loaded.tokenizer, _PROMPT.value)
   shown, tokens = "", []
   t0 = time.perf_counter()
@@ -48,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main)

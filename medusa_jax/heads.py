@@ -23,6 +23,19 @@ to its input, ``x_m = h_t + embed[tok_{t+1}] U_m``, before its blocks::
 
 Training feeds the true next token (teacher forcing), decoding the token the backbone chose. Such
 heads cannot be written in the original release's format.
+
+``kind='sequential'`` (Hydra-style heads, Ankner et al. 2024; not in the Medusa paper): head m also
+reads every token drafted before it on its own tree path, t+1 .. t+m (the root and its ancestors),
+so a deep node is a guess about a *known* prefix::
+
+  x_m = h_t + sum_{j < m} embed[tok_{t+1+j}] U_{m,j}
+  path_w   [M, M, D, D]   ('medusa_heads', 'medusa_path', 'embed', 'embed_out'), zero-initialised;
+                          only j < m of head m is used (the rest stays zero)
+
+Hydra concatenates [h_t, embeddings] into its first block's input; a sum of projected embeddings is
+the same linear map on that concatenation with the identity kept on h_t, so fresh heads are still
+the identity, as Medusa heads are. Decoding drafts the tree level by level (``medusa.draft``);
+training is teacher-forced on the data's tokens.
 """
 
 from __future__ import annotations
@@ -47,6 +60,21 @@ class HeadsConfig:
   draft_vocab: int = 0
   # Condition every head on the embedding of the backbone's next token (see the module docstring).
   next_token_input: bool = False
+  # 'medusa': every head reads h_t (and the next token with next_token_input); 'sequential': head m
+  # also reads the tokens of its tree path before it (Hydra-style, see the module docstring).
+  kind: str = "medusa"
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"heads.kind must be one of {KINDS}, got {self.kind!r}")
+
+  @property
+  def path_tokens(self) -> int:
+    """How many tokens after h_t's position head M reads: 0, 1 (next token) or M (sequential)."""
+    return self.num_heads if self.kind == "sequential" else int(self.next_token_input)
+
+
+KINDS = ("medusa", "sequential")
 
 
 def param_axes(hcfg: HeadsConfig) -> dict:
@@ -58,6 +86,8 @@ def param_axes(hcfg: HeadsConfig) -> dict:
     axes["vocab_ids"] = ("draft_vocab",)
   if hcfg.next_token_input:
     axes["tok_w"] = ("medusa_heads", "embed", "embed_out")
+  if hcfg.kind == "sequential":
+    axes["path_w"] = ("medusa_heads", "medusa_path", "embed", "embed_out")
   return axes
 
 
@@ -67,6 +97,8 @@ def init_params(hcfg: HeadsConfig, cfg: ModelConfig, base=None) -> dict:
   p = {"w": jnp.zeros((M, n, D, D), cfg.param_dtype), "b": jnp.zeros((M, n, D), cfg.param_dtype)}
   if hcfg.next_token_input:
     p["tok_w"] = jnp.zeros((M, D, D), cfg.param_dtype)
+  if hcfg.kind == "sequential":
+    p["path_w"] = jnp.zeros((M, M, D, D), cfg.param_dtype)
   if not hcfg.shared_lm_head:
     if base is None:
       raise ValueError("Per-head LM heads are initialised from the backbone's: pass its params.")
@@ -92,32 +124,45 @@ def per_head(medusa: dict, m: int) -> dict:
   return {k: (v if k == "vocab_ids" else v[m:m + 1]) for k, v in medusa.items()}
 
 
-def head_states(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, next_BxL=None):
-  """The residual stacks: [B, L, D] -> [B, L, M, D]. ``next_BxL``: the token after each position
-  (required with ``next_token_input``, ignored otherwise)."""
+def head_states(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=None, first_head: int = 0):
+  """The residual stacks: [B, L, D] -> [B, L, M, D].
+
+  ``path`` holds the tokens after each position, t+1, t+2, ... ([B, L, K], or [B, L] for just
+  t+1): heads with ``next_token_input`` read t+1, sequential head m reads t+1 .. t+m. Ignored by
+  the paper's heads. ``first_head``: the 0-based index of the first head in ``params['medusa']``
+  (a slice of the heads, e.g. one head of a level-by-level draft, still reads its own path length).
+  """
   dt = cfg.compute_dtype
   medusa = params["medusa"]
-  x = jnp.broadcast_to(hidden_BxLxD[:, :, None, :], hidden_BxLxD.shape[:2] + (hcfg.num_heads, cfg.dim))
-  x = x.astype(dt)
-  if hcfg.next_token_input:
-    if next_BxL is None:
-      raise ValueError("These heads read the next token (HeadsConfig.next_token_input): pass next_BxL.")
-    emb = params["base"]["embed"][next_BxL].astype(dt)
-    x = x + jnp.einsum("bld,mde->blme", emb, medusa["tok_w"].astype(dt))
+  M = medusa["w"].shape[0]
+  x = jnp.broadcast_to(hidden_BxLxD[:, :, None, :], hidden_BxLxD.shape[:2] + (M, cfg.dim)).astype(dt)
+  if hcfg.path_tokens:
+    if path is None:
+      raise ValueError("These heads read the tokens after h_t's position (next_token_input or sequential): "
+                       "pass path.")
+    path_BxLxK = path[..., None] if path.ndim == hidden_BxLxD.ndim - 1 else path
+    emb = params["base"]["embed"][path_BxLxK].astype(dt)  # [B, L, K, D]
+    if hcfg.kind == "sequential":
+      # Head m (0-based, overall index first_head + m) reads path tokens 0 .. first_head + m.
+      adds = [jnp.einsum("blkd,kde->ble", emb[:, :, :first_head + m + 1],
+                         medusa["path_w"][m, :first_head + m + 1].astype(dt)) for m in range(M)]
+      x = x + jnp.stack(adds, axis=2)
+    if hcfg.next_token_input:
+      x = x + jnp.einsum("bld,mde->blme", emb[:, :, 0], medusa["tok_w"].astype(dt))
   for j in range(hcfg.num_layers):
     y = jnp.einsum("blmd,mde->blme", x, medusa["w"][:, j].astype(dt)) + medusa["b"][:, j].astype(dt)
     x = x + jax.nn.silu(y)
   return x
 
 
-def subset_logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, next_BxL=None):
+def subset_logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=None, first_head: int = 0):
   """Head logits over the draft vocabulary [B, L, M, V'] (V' = V without one), float32."""
-  x = head_states(hcfg, cfg, params, hidden_BxLxD, next_BxL)
+  x = head_states(hcfg, cfg, params, hidden_BxLxD, path, first_head)
   dt = cfg.compute_dtype
   acc = jnp.promote_types(dt, jnp.float32)
   if hcfg.draft_vocab:
     eq = "blmd,vd->blmv" if hcfg.shared_lm_head else "blmd,mvd->blmv"
-    return jnp.einsum(eq, x, _draft_w(hcfg, cfg, params).astype(dt), preferred_element_type=acc)
+    return jnp.einsum(eq, x, draft_weight(hcfg, cfg, params).astype(dt), preferred_element_type=acc)
   if hcfg.shared_lm_head:
     w = model_lib.lm_head_weight(cfg, params["base"]).astype(dt)
     return jnp.einsum("blmd,dv->blmv", x, w, preferred_element_type=acc)
@@ -140,28 +185,22 @@ def shared_weight_VxD(hcfg: HeadsConfig, cfg: ModelConfig, params):
   if not hcfg.shared_lm_head:
     return None
   if hcfg.draft_vocab:
-    return _draft_w(hcfg, cfg, params)
+    return draft_weight(hcfg, cfg, params)
   return params["base"]["embed"] if cfg.tie_embeddings else None
 
 
-def _draft_w(hcfg: HeadsConfig, cfg: ModelConfig, params):
-  """``draft_weight``, read from ``medusa/draft_w`` once ``prepare_for_decoding`` has gathered it
-  (training and the prefill gather it on the fly)."""
-  w = params["medusa"].get("draft_w")
-  return draft_weight(hcfg, cfg, params) if w is None else w
+def decoding_weights(hcfg: HeadsConfig, cfg: ModelConfig, params) -> dict:
+  """Loop-invariant weights a decoder computes once per set of params (``decode.Decoder.prepare``),
+  kept beside the params pytree, never in it: ``{'proj_VxD'}``, the heads' shared projection
+  (``shared_weight_VxD``), when there is one. Gathering the draft rows inside the decode loop copied
+  (and transposed) the whole LM head on every step."""
+  w = shared_weight_VxD(hcfg, cfg, params)
+  return {} if w is None else {"proj_VxD": w}
 
 
-def prepare_for_decoding(hcfg: HeadsConfig, cfg: ModelConfig, params):
-  """Params with the draft projection gathered once (``medusa/draft_w``), outside the decode loop:
-  gathering it inside the loop body copied (and transposed) the whole LM head every step."""
-  if not hcfg.draft_vocab or "draft_w" in params["medusa"]:
-    return params
-  return {**params, "medusa": {**params["medusa"], "draft_w": draft_weight(hcfg, cfg, params)}}
-
-
-def logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, next_BxL=None):
+def logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=None):
   """Head logits [B, L, M, V] (float32); tokens outside the draft vocabulary get -inf."""
-  sub = subset_logits(hcfg, cfg, params, hidden_BxLxD, next_BxL)
+  sub = subset_logits(hcfg, cfg, params, hidden_BxLxD, path)
   if not hcfg.draft_vocab:
     return sub
   full = jnp.full(sub.shape[:-1] + (cfg.vocab_size,), -jnp.inf, sub.dtype)

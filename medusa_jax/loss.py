@@ -37,43 +37,95 @@ def _masked_mean(x, ok):
   return jnp.sum(jnp.where(ok, x, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
 
 
-def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, hidden_BxLxD, batch,
-               decay: float, topk: int = 5, remat: bool = True):
-  """Σ_m decay^m · CE_m and per-head metrics (loss, top-1..topk accuracy).
+HEADS_LOSSES = ("ce", "kl", "mix")
 
-  The heads run one at a time; with ``remat`` each under ``jax.checkpoint`` so only one [B, L, V]
-  logits tensor is live in the backward pass (all M would be M × B × L × V floats, GBs for a large
-  batch), at the price of recomputing each head's projection. With a draft vocabulary
-  (``HeadsConfig.draft_vocab``) V is that smaller set.
+
+def teacher_logits(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, hidden_BxLxD):
+  """The backbone's own next-token logits at each position, over the heads' vocabulary: the draft
+  vocabulary when there is one (the LM head's rows of those tokens only), else all of it."""
+  base, dt = params["base"], cfg.compute_dtype
+  acc = model_lib.accum_dtype(dt)
+  h = hidden_BxLxD.astype(dt)
+  if not hcfg.draft_vocab:
+    return model_lib.project_logits(cfg, base, hidden_BxLxD).astype(jnp.float32)
+  ids = params["medusa"]["vocab_ids"]
+  if cfg.tie_embeddings:
+    return jnp.einsum("bld,vd->blv", h, base["embed"][ids].astype(dt), preferred_element_type=acc)
+  return jnp.einsum("bld,dv->blv", h, jnp.take(base["lm_head"], ids, axis=1).astype(dt), preferred_element_type=acc)
+
+
+def _shift(x_BxLx_, m: int):
+  """x[:, t + m] at position t (zero past the end)."""
+  if m == 0:
+    return x_BxLx_
+  pad = [(0, 0), (0, m)] + [(0, 0)] * (x_BxLx_.ndim - 2)
+  return jnp.pad(x_BxLx_[:, m:], pad)
+
+
+def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, hidden_BxLxD, batch,
+               decay: float, topk: int = 5, remat: bool = True, kind: str = "ce", kl_mix: float = 0.5,
+               kl_temperature: float = 1.0):
+  """Σ_m decay^m · L_m and per-head metrics (loss, ce, kl, top-1..topk accuracy).
+
+  ``kind`` chooses each head's loss L_m:
+    * ``ce``: cross-entropy to the token at t+m+1 (the paper's Medusa-1 loss);
+    * ``kl``: KL(backbone ‖ head m), where the backbone's distribution is its own prediction of
+      token t+m+1, made at position t+m (softmax of its logits / ``kl_temperature``); the head
+      learns that whole distribution instead of one sampled token. It costs no extra backbone
+      forward: the hidden state at t+m comes from the forward the loss already runs (held with
+      stop_gradient, so in Medusa-2 the KL term does not pull the backbone towards the heads);
+    * ``mix``: (1 - kl_mix) · CE + kl_mix · KL.
+  With a draft vocabulary V' both distributions live on V': the teacher is the backbone's softmax
+  over the V' logits (renormalised), and CE leaves out targets outside V' (no head can propose
+  them). The accuracies count *every* target, a target outside V' as a miss, so they are the
+  acceptance rates decoding sees.
+
+  The heads run one at a time; with ``remat`` each under ``jax.checkpoint`` so only one [B, L, V']
+  logits tensor (and, with KL, the teacher's for that head) is live in the backward pass, at the
+  price of recomputing each head's projection.
   """
+  if kind not in HEADS_LOSSES:
+    raise ValueError(f"heads loss must be one of {HEADS_LOSSES}, got {kind!r}")
   M = hcfg.num_heads
   med = params["medusa"]
   single = dataclasses.replace(hcfg, num_heads=1)
   index_V = heads_lib.subset_index(hcfg, cfg, params)
-  # The token after each position (teacher forcing), for heads with next_token_input; the last
-  # position's is padding, and no head has a target there.
-  tokens = batch["tokens"]
-  next_BxL = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+  w_ce, w_kl = {"ce": (1.0, 0.0), "kl": (0.0, 1.0), "mix": (1.0 - kl_mix, kl_mix)}[kind]
+  # The tokens after each position, t+1 .. t+K (teacher forcing), for heads that read them (next-token
+  # and sequential heads); past the end they are padding, where no head has a target.
+  path_BxLxK = jnp.stack([_shift(batch["tokens"], j + 1) for j in range(max(1, hcfg.path_tokens))], axis=-1)
+  teacher_hidden = jax.lax.stop_gradient(hidden_BxLxD)
 
-  def one_head(p_m, tgt, ok):
-    logits = heads_lib.subset_logits(single, cfg, {"base": params["base"], "medusa": p_m}, hidden_BxLxD, next_BxL)
-    ce, rank = _ce_and_rank(logits[:, :, 0], tgt)
-    return _masked_mean(ce, ok), jnp.stack([_masked_mean((rank < k).astype(jnp.float32), ok)
-                                            for k in range(1, topk + 1)])
+  def one_head(m, p_m, tgt_BxL, ok_BxL, in_vocab_BxL, teacher_h_BxLxD):
+    logits = heads_lib.subset_logits(single, cfg, {"base": params["base"], "medusa": p_m}, hidden_BxLxD,
+                                     path_BxLxK, first_head=m)[:, :, 0].astype(jnp.float32)
+    ce, rank = _ce_and_rank(logits, tgt_BxL)
+    ce_mean = _masked_mean(ce, ok_BxL & in_vocab_BxL)
+    kl_mean = jnp.zeros((), jnp.float32)
+    if w_kl:
+      t_logp = jax.nn.log_softmax(
+          jax.lax.stop_gradient(teacher_logits(hcfg, cfg, params, teacher_h_BxLxD)) / kl_temperature, axis=-1)
+      kl = jnp.sum(jnp.exp(t_logp) * (t_logp - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
+      kl_mean = _masked_mean(kl, ok_BxL)
+    hits = [_masked_mean(((rank < k) & in_vocab_BxL).astype(jnp.float32), ok_BxL) for k in range(1, topk + 1)]
+    return w_ce * ce_mean + w_kl * kl_mean, ce_mean, kl_mean, jnp.stack(hits)
 
   if remat:
-    one_head = jax.checkpoint(one_head)
+    one_head = jax.checkpoint(one_head, static_argnums=(0,))
   total = 0.0
   metrics = {}
   for m in range(M):
     tgt, ok = shifted_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"], m + 2)
-    # With a draft vocabulary, targets outside it cannot be proposed: they are left out of the loss
-    # (and the accuracies are over the targets inside it).
     sub_tgt = index_V[tgt]
-    ok = ok & (sub_tgt >= 0)
-    ce, acc = one_head(heads_lib.per_head(med, m), jnp.maximum(sub_tgt, 0), ok)
-    total = total + decay ** (m + 1) * ce
-    metrics[f"head{m + 1}/loss"] = ce
+    # Head m at t predicts t+m+1, which the backbone predicts at t+m.
+    teacher_h = _shift(teacher_hidden, m + 1) if w_kl else teacher_hidden[:, :0]
+    loss_m, ce, kl, acc = one_head(m, heads_lib.per_head(med, m), jnp.maximum(sub_tgt, 0), ok, sub_tgt >= 0,
+                                   teacher_h)
+    total = total + decay ** (m + 1) * loss_m
+    metrics[f"head{m + 1}/loss"] = loss_m
+    metrics[f"head{m + 1}/ce"] = ce
+    if w_kl:
+      metrics[f"head{m + 1}/kl"] = kl
     for k in range(topk):
       metrics[f"head{m + 1}/top{k + 1}"] = acc[k]
   return total, metrics

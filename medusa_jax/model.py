@@ -19,13 +19,16 @@ Parameter layout (``base``), HF names in brackets::
   final_norm   [D]         (model.norm)
   lm_head      [D, V]      (lm_head, only when embeddings are untied)
 
-Decoding on a CPU may add packed copies of the matrices (``layers_i/{qkv,wo,gate_up,down}_p``,
-``lm_head_p``; ``cpu_kernels.decode_params``); projections of few rows then use that kernel.
+Decoding on a CPU may run on a second, separate pytree: the same matrices packed for the CPU decode
+kernel (``pack_weights``; the layout is defined there and only there). ``forward(..., packed=...)``
+then sends projections of few rows through the kernel (``cpu_kernels``, a leaf this module calls).
+The params pytree itself is never changed by decoding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -56,6 +59,9 @@ class ModelConfig:
   tie_embeddings: bool = False
   qkv_bias: bool = False
   max_seq_len: int = 8192
+  # Sliding-window attention (Mistral) is not implemented: the loader caps max_seq_len at the window,
+  # where full attention and the window agree, and records the window for error messages.
+  sliding_window: int | None = None
   bos_id: int | None = 1
   eos_ids: tuple[int, ...] = (2,)
   dtype: str = "float32"        # activations / matmul inputs
@@ -137,16 +143,17 @@ def lm_head_weight(cfg: ModelConfig, base: Params) -> jax.Array:
   return base["embed"].T if cfg.tie_embeddings else base["lm_head"]
 
 
-def project_logits(cfg: ModelConfig, base: Params, hidden: jax.Array) -> jax.Array:
-  packed = base.get("lm_head_p")
-  if cpu_kernels.use_kernel(hidden, packed):
-    return cpu_kernels.matmul(hidden, packed, cfg.vocab_size)
+def project_logits(cfg: ModelConfig, base: Params, hidden: jax.Array, packed: Params | None = None) -> jax.Array:
+  """[..., D] -> [..., V] logits; through the CPU kernel when ``packed`` (``pack_weights``) allows."""
+  lm_p = None if packed is None else packed["lm_head"]
+  if cpu_kernels.use_kernel(hidden, lm_p):
+    return cpu_kernels.matmul(hidden, lm_p, cfg.vocab_size)
   w_DxV = lm_head_weight(cfg, base).astype(cfg.compute_dtype)
   return jnp.einsum("bld,dv->blv", hidden.astype(cfg.compute_dtype), w_DxV,
                     preferred_element_type=accum_dtype(cfg.compute_dtype))
 
 
-def greedy_tokens(cfg: ModelConfig, base: Params, hidden: jax.Array) -> jax.Array:
+def greedy_tokens(cfg: ModelConfig, base: Params, hidden: jax.Array, packed: Params | None = None) -> jax.Array:
   """``argmax(project_logits(...), -1)`` as [B, L] int32, for callers that need only the argmax.
 
   With tied embeddings the [V, D] embedding is the matmul's left operand and the logits come out
@@ -155,11 +162,48 @@ def greedy_tokens(cfg: ModelConfig, base: Params, hidden: jax.Array) -> jax.Arra
   at L = 4, the bulk of a small Medusa tree's extra cost over a one-token step).
   """
   dt, acc = cfg.compute_dtype, accum_dtype(cfg.compute_dtype)
-  if not cfg.tie_embeddings or cpu_kernels.use_kernel(hidden, base.get("lm_head_p")):
-    return jnp.argmax(project_logits(cfg, base, hidden), axis=-1).astype(jnp.int32)
+  lm_p = None if packed is None else packed["lm_head"]
+  if not cfg.tie_embeddings or cpu_kernels.use_kernel(hidden, lm_p):
+    return jnp.argmax(project_logits(cfg, base, hidden, packed), axis=-1).astype(jnp.int32)
   logits_VxBxL = jnp.einsum("vd,bld->vbl", base["embed"].astype(dt), hidden.astype(dt),
                             preferred_element_type=acc)
   return jnp.argmax(logits_VxBxL, axis=0).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed weights for the CPU decode kernel
+# ----------------------------------------------------------------------------------------------
+
+def _packed_layer(p) -> dict:
+  """One layer's matrices, fused by input: q|k|v (read the same normed input), o, gate|up, down."""
+  D = p["wq"].shape[0]
+  qkv = jnp.concatenate([p["wq"].reshape(D, -1), p["wk"].reshape(D, -1), p["wv"].reshape(D, -1)], axis=1)
+  return {"qkv": cpu_kernels.pack(qkv), "wo": cpu_kernels.pack(p["wo"].reshape(-1, p["wo"].shape[-1])),
+          "gate_up": cpu_kernels.pack(jnp.concatenate([p["w_gate"], p["w_up"]], 1)),
+          "down": cpu_kernels.pack(p["w_down"])}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pack(cfg: ModelConfig, base: Params) -> Params:
+  return {"layers": [_packed_layer(base[f"layers_{i}"]) for i in range(cfg.num_layers)],
+          "lm_head": cpu_kernels.pack(lm_head_weight(cfg, base))}
+
+
+def pack_weights(cfg: ModelConfig, base: Params) -> Params | None:
+  """The backbone's matrices packed for the CPU decode kernel, ``{'layers': [{qkv, wo, gate_up, down}],
+  'lm_head'}``, or None where the kernel is not used (not float32, off, unbuilt, several devices).
+
+  A separate pytree (about the size of the backbone) that the caller owns and passes to
+  ``forward(..., packed=)``; ``decode.Decoder.prepare`` makes it once per backbone. It also settles
+  the kernel's measured row crossover now (``cpu_kernels.max_rows``), outside any trace.
+  """
+  if cfg.compute_dtype != jnp.float32 or base["embed"].dtype != jnp.float32 or not cpu_kernels.enabled():
+    return None
+  if any(len(leaf.sharding.device_set) > 1 for leaf in jax.tree.leaves(base) if hasattr(leaf, "sharding")):
+    return None  # sharded over a mesh: the custom call has no partitioning rule
+  if cpu_kernels.max_rows() < 1:
+    return None  # measured slower than XLA's dot even for one row on this machine
+  return _pack(cfg, base)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +235,7 @@ def cache_capacity(cache: Cache) -> int:
   return cache["layers"][0]["k"].shape[2]
 
 
-def _write_rows(cache_BxKxSxE, new_BxKxLxE, index_B):
+def write_cache_rows(cache_BxKxSxE, new_BxKxLxE, index_B):
   """Writes each sequence's L new rows at its own offset (rows index[b] .. index[b]+L-1).
 
   One scatter, which XLA-CPU performs in place on the donated cache. A dynamic-update-slice per
@@ -205,6 +249,24 @@ def _write_rows(cache_BxKxSxE, new_BxKxLxE, index_B):
   k_1xKx1 = jnp.arange(K, dtype=index_B.dtype)[None, :, None]
   return cache_BxKxSxE.at[b_Bx1x1, k_1xKx1, rows_Bx1xL].set(
       new_BxKxLxE.astype(cache_BxKxSxE.dtype), indices_are_sorted=True, unique_indices=True)
+
+
+def keep_cache_rows(cache: Cache, keep_BxA, written: int) -> Cache:
+  """Of the ``written`` rows each sequence b wrote at ``index[b]``.., keeps rows ``keep_BxA[b]``
+  (offsets into them, in order) and moves them to ``index[b]``, ``index[b]+1``, ...: a tree step's
+  accepted path becomes the sequence's next rows. ``index`` is unchanged (``advance`` moves it).
+
+  Only the written rows are read back: gathering from the whole cache made XLA-CPU transpose-copy
+  every layer's cache on every step.
+  """
+  index_B = cache["index"]
+
+  def move(c_BxKxSxE):
+    written_BxKxNxE = jax.vmap(lambda cb, i: jax.lax.dynamic_slice_in_dim(cb, i, written, axis=1))(c_BxKxSxE, index_B)
+    rows_BxKxAxE = jnp.take_along_axis(written_BxKxNxE, keep_BxA[:, None, :, None], axis=2)
+    return write_cache_rows(c_BxKxSxE, rows_BxKxAxE, index_B)
+
+  return {**cache, "layers": [{"k": move(l["k"]), "v": move(l["v"])} for l in cache["layers"]]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,14 +334,14 @@ def _attention(cfg, q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS):
   return out.reshape(B, L, H, E).astype(q_BxLxHxE.dtype)
 
 
-def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv_freq):
+def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv_freq, packed=None):
   dt = cfg.compute_dtype
   B, L = x_BxLxD.shape[:2]
   H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  kernel = cpu_kernels.use_kernel(x_BxLxD, p.get("qkv_p"))
+  kernel = packed is not None and cpu_kernels.use_kernel(x_BxLxD, packed["qkv"])
   h = rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
   if kernel:
-    qkv = cpu_kernels.matmul(h, p["qkv_p"], (H + 2 * K) * E)
+    qkv = cpu_kernels.matmul(h, packed["qkv"], (H + 2 * K) * E)
     q = qkv[..., :H * E].reshape(B, L, H, E)
     k = qkv[..., H * E:(H + K) * E].reshape(B, L, K, E)
     v = qkv[..., (H + K) * E:].reshape(B, L, K, E)
@@ -295,16 +357,16 @@ def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv
     new_cache = None
     k_all, v_all = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   else:
-    k_all = _write_rows(layer_cache["k"], k.transpose(0, 2, 1, 3), index_B)  # [B, K, L, E]
-    v_all = _write_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index_B)
+    k_all = write_cache_rows(layer_cache["k"], k.transpose(0, 2, 1, 3), index_B)  # [B, K, L, E]
+    v_all = write_cache_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index_B)
     new_cache = {"k": k_all, "v": v_all}
   attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), mask_BxLxS)
   D, F = cfg.dim, cfg.mlp_dim
   if kernel:
-    x = x_BxLxD + cpu_kernels.matmul(attn.reshape(B, L, H * E), p["wo_p"], D)
+    x = x_BxLxD + cpu_kernels.matmul(attn.reshape(B, L, H * E), packed["wo"], D)
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate_up = cpu_kernels.matmul(h, p["gate_up_p"], 2 * F)
-    x = x + cpu_kernels.matmul(jax.nn.silu(gate_up[..., :F]) * gate_up[..., F:], p["down_p"], D)
+    gate_up = cpu_kernels.matmul(h, packed["gate_up"], 2 * F)
+    x = x + cpu_kernels.matmul(jax.nn.silu(gate_up[..., :F]) * gate_up[..., F:], packed["down"], D)
     return x, new_cache
   # As one [B*L, H*E] x [H*E, D] matmul: the two-axis einsum made XLA-CPU copy a transposed wo each step.
   wo = p["wo"].astype(dt)
@@ -317,7 +379,7 @@ def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv
 
 
 def forward(cfg: ModelConfig, base: Params, tokens_BxL, positions_BxL, mask, cache: Cache | None = None,
-            *, logits: bool = True):
+            *, logits: bool = True, packed: Params | None = None):
   """One forward over L new tokens.
 
   Args:
@@ -330,6 +392,7 @@ def forward(cfg: ModelConfig, base: Params, tokens_BxL, positions_BxL, mask, cac
     cache: KV cache from ``init_cache`` or None (training). ``index`` is left unchanged: the caller
       decides how many of the written rows become part of the sequence (see ``advance``).
     logits: also compute the [B, L, V] logits (prefill skips them and projects only what it needs).
+    packed: ``pack_weights(cfg, base)`` or None; few-row projections then use the CPU kernel.
 
   Returns:
     (logits [B, L, V] float32 or None, final hidden state [B, L, D] after the final norm, new cache).
@@ -340,10 +403,11 @@ def forward(cfg: ModelConfig, base: Params, tokens_BxL, positions_BxL, mask, cac
   new_layers = []
   for i in range(cfg.num_layers):
     layer_cache = None if cache is None else cache["layers"][i]
-    x, lc = _layer(cfg, base[f"layers_{i}"], x, positions_BxL, mask, layer_cache, index_B, inv_freq)
+    x, lc = _layer(cfg, base[f"layers_{i}"], x, positions_BxL, mask, layer_cache, index_B, inv_freq,
+                   None if packed is None else packed["layers"][i])
     new_layers.append(lc)
   hidden = rms_norm(x, base["final_norm"], cfg.norm_eps)
-  out_logits = project_logits(cfg, base, hidden) if logits else None
+  out_logits = project_logits(cfg, base, hidden, packed) if logits else None
   new_cache = None if cache is None else {"layers": new_layers, "index": cache["index"]}
   return out_logits, hidden, new_cache
 

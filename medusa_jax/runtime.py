@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 from typing import Any
 
 import jax
@@ -76,18 +75,6 @@ def chat_prompt(tokenizer, text: str) -> list[int]:
   ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                       return_dict=False)
   return list(ids)
-
-
-def hardware() -> dict:
-  d = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-  except OSError:
-    pass
-  return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
-          "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__}
 
 
 def read_jsonl_prompts(path: str, num: int | None = None) -> list[dict]:

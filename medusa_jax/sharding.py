@@ -396,17 +396,25 @@ class DecodePlacement:
   def params(self, params):
     return param_shardings(self.cfg, self.hcfg, params, self.mesh, self.rules)
 
+  def decode_params(self, dp):
+    """Shardings of a ``decode.DecodeParams``: the params by their logical axes; the heads'
+    loop-invariant weights (a [V', D] projection at most, small) replicated. No CPU-kernel copy
+    exists on a mesh (``model.pack_weights`` makes none for sharded params)."""
+    rep = jax.tree.map(lambda _: self.replicated, dp.heads)
+    return dp.replace(params=self.params(dp.params), packed=None, heads=rep)
+
   def batch(self, shape) -> NamedSharding:
     """Sharding of a per-sequence array of ``shape`` ([B] or [B, ...])."""
     return NamedSharding(self.mesh, spec_for(("batch",) + (None,) * (len(shape) - 1), shape, self.rules, self.mesh))
 
   def state(self, state):
     """Shardings of a ``decode.DecodeState`` (concrete or from ``jax.eval_shape``)."""
-    per_seq = lambda x: None if x is None else ("batch",) + (None,) * (len(x.shape) - 1)
+    per_seq = lambda x: ("batch",) + (None,) * (len(x.shape) - 1)
+    draft = None if state.draft is None else state.draft.replace(hidden_BxD=per_seq(state.draft.hidden_BxD))
     axes = state.replace(
         cache=model_lib.cache_axes(self.cfg), tokens_BxT=per_seq(state.tokens_BxT), num_B=per_seq(state.num_B),
         done_B=per_seq(state.done_B), last_B=per_seq(state.last_B), rng=(None,) * len(state.rng.shape),
-        steps=(None,) * len(state.steps.shape), extra=per_seq(state.extra))
+        steps=(None,) * len(state.steps.shape), draft=draft)
     return tree_shardings(axes, state, self.rules, self.mesh)
 
   def put(self, tree, shardings):

@@ -9,10 +9,10 @@ and to TensorBoard (``tensorboard --logdir WORKDIR/tb``); the params for decodin
 WORKDIR/export (use ``--checkpoint WORKDIR/export`` with generate, benchmark and calibrate).
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from medusa_jax import runtime, trainer
+from medusa_jax import entry, runtime, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]); "
                                           "override keys with --config.train.steps=100 etc.", lock_config=True)
@@ -24,8 +24,9 @@ def main(argv):
   del argv
   runtime.quiet_jax_logs()
   out = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  trainer.say(f"done at step {out['step']}; last eval: {trainer._summary(out['eval'])}")  # pylint: disable=protected-access
+  if out["stopped"] is None:  # a stop by a signal has said so, and how to resume
+    trainer.say(f"done at step {out['step']}; last eval: {trainer._summary(out['eval'])}")  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 import time
@@ -26,6 +27,7 @@ from medusa_jax import config as config_lib
 from medusa_jax import heads as heads_lib
 from medusa_jax import loss as loss_lib
 from medusa_jax import model as model_lib
+from medusa_jax import preemption as preemption_lib
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +132,9 @@ class StepConfig:
   # whole and the backbone's output pinned to it, so that XLA keeps the batch split across devices
   # and gathers weights (FSDP) instead of replicating the batch; None: one device, nothing pinned.
   rows: Any = None
+  # Tests only (tests/test_faults.py): the loss of these steps (the ``step`` argument) is multiplied
+  # by NaN, so their loss and gradients are not finite; empty, the step is the same program.
+  inject_nonfinite_at: tuple[int, ...] = ()
 
 
 def _pin_rows(sc: StepConfig, x):
@@ -180,12 +185,35 @@ def loss_fn(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
   return total, metrics
 
 
+def _injected_nonfinite(sc: StepConfig, loss):
+  def poisoned(tparams, frozen, batch, step, teacher_base):
+    total, metrics = loss(tparams, frozen, batch, step, teacher_base)
+    total = total * jnp.where(jnp.any(step == jnp.asarray(sc.inject_nonfinite_at)), jnp.nan, 1.0)
+    return total, {**metrics, "loss": total}
+  return poisoned
+
+
 def train_step(sc: StepConfig, tx, tparams, opt_state, frozen, batch, step, teacher_base=None):
-  grads, metrics = jax.grad(functools.partial(loss_fn, sc), has_aux=True)(
-      tparams, frozen, batch, step, teacher_base)
-  updates, opt_state = tx.update(grads, opt_state, tparams)
-  tparams = optax.apply_updates(tparams, updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  """One optimizer step; one whose loss or global gradient norm is not finite changes nothing.
+
+  The update is computed either way and then selected leaf by leaf on the scalar ``finite``
+  (``jnp.where``: an elementwise select that XLA can fuse into the update itself), so a skipped step
+  returns params and the whole optimizer state, Adam's count included, bit-identical, and nothing
+  waits for the host; ``metrics['skipped']`` (0 or 1) tells the loop when it next fetches metrics.
+  """
+  loss = functools.partial(loss_fn, sc)
+  if sc.inject_nonfinite_at:
+    loss = _injected_nonfinite(sc, loss)
+  grads, metrics = jax.grad(loss, has_aux=True)(tparams, frozen, batch, step, teacher_base)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = tx.update(grads, opt_state, tparams)
+  new_tparams = optax.apply_updates(tparams, updates)
+  keep_if_finite = lambda new, old: jnp.where(finite, new, old)
+  tparams = jax.tree.map(keep_if_finite, new_tparams, tparams)
+  opt_state = jax.tree.map(keep_if_finite, new_opt_state, opt_state)
+  metrics["grad_norm"] = grad_norm
+  metrics["skipped"] = jnp.logical_not(finite).astype(jnp.int32)
   return tparams, opt_state, metrics
 
 
@@ -301,12 +329,68 @@ def _summary(metrics: dict, keys=("loss", "heads_loss", "head1/top1", "head2/top
   return " ".join(f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics)
 
 
+class NonFiniteError(RuntimeError):
+  """Too many train steps in a row had a non-finite loss or gradient norm; the message is one line."""
+
+
+class _NonFiniteSteps:
+  """Skipped steps (``metrics['skipped']``), read only when the loop syncs with the device anyway.
+
+  The loop hands over every step's flag as a device array; ``check`` fetches the flags gathered
+  since its last call (at log steps and before each save), logs each skipped step with the data
+  position of its batch, and raises ``NonFiniteError`` once ``limit`` steps in a row were skipped,
+  so a save never follows such a streak: the newest checkpoint is the last good state.
+  """
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.streak = 0
+    self.total = 0
+    self._pending = []
+
+  def add(self, step: int, position, metrics: dict) -> None:
+    self._pending.append((step, position, metrics))
+
+  def check(self, newest_checkpoint: Callable[[], int | None]) -> int:
+    """Logs the pending skipped steps and returns how many there were; raises on a streak."""
+    pending, self._pending = self._pending, []
+    flags = jax.device_get([m["skipped"] for _, _, m in pending])
+    skipped = 0
+    for (step, position, m), flag in zip(pending, flags):
+      if not flag:
+        self.streak = 0
+        continue
+      skipped += 1
+      self.total += 1
+      self.streak += 1
+      loss, grad_norm = jax.device_get((m["loss"], m["grad_norm"]))
+      say(f"step {step}: skipped (loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g} not finite); params "
+          f"and optimizer state unchanged. Its batch: number {step - 1} of the data stream, read from data "
+          f"position {json.dumps(position)}; {self.streak} skipped in a row.")
+      if self.limit and self.streak >= self.limit:
+        newest = newest_checkpoint()
+        kept = f"the newest checkpoint (step {newest}) is the last good state" if newest is not None else (
+            "no checkpoint was saved")
+        raise NonFiniteError(
+            f"Training stopped at step {step}: {self.streak} steps in a row had a non-finite loss or gradient "
+            f"norm (config.train.max_nonfinite_steps={self.limit}); {kept}. Check the data at the logged "
+            "positions, or lower config.train.lr.")
+    return skipped
+
+
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
   """Trains heads (and, for Medusa-2, the backbone) and exports params for decoding.
 
-  Resumes from the newest checkpoint in ``workdir``. ``stop_after`` ends the run early after that
-  many steps of this invocation without the final export (used by tests to simulate a kill).
-  Returns the last train and eval metrics.
+  Resumes from the newest complete checkpoint in ``workdir``. ``stop_after`` ends the run early
+  after that many steps of this invocation without the final export (used by tests to simulate a
+  kill). Returns the last train and eval metrics, the step reached, why it stopped early
+  (``'stopped'``: a signal's name, 'preemption notice', or None) and how many steps it skipped.
+
+  SIGTERM / SIGINT (``preemption.TrainStop``): the step in progress finishes, a checkpoint of it
+  (train state and data position) is saved, and this returns; on several hosts, every host stops
+  and saves at the same step, agreed through JAX's preemption service. A step whose loss or
+  gradient norm is not finite is skipped (``train_step``); ``config.train.max_nonfinite_steps``
+  of them in a row raise ``NonFiniteError`` before anything else is saved.
   """
   from medusa_jax import runtime  # pylint: disable=g-import-not-at-top
   from medusa_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -385,33 +469,55 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
   bar = tqdm(range(start, end), initial=start, total=tc.steps, desc="train", unit="step",
              disable=jax.process_index() != 0)
+  nonfinite = _NonFiniteSteps(int(tc.max_nonfinite_steps))
+  done, stopped = start, None
+  position = it.get_state()  # of the next batch; a checkpoint saves the one after its step's batch
   t0 = time.perf_counter()
-  for step in bar:
-    batch = placement.put_batch(next(it))
-    fn = heads_only_fn if step < tc.heads_only_steps else step_fn
-    tparams, opt_state, metrics = fn(tparams, opt_state, frozen, batch, jnp.asarray(step), teacher)
-    done = step + 1
-    if done % tc.log_every == 0 or done == end:
-      metrics = {k: float(v) for k, v in metrics.items()}
-      metrics.update({f"lr/{g}": float(s(step)) for g, s in sched.items()
-                      if g in set(label_map.values())})
-      metrics["steps_per_s"] = (done - start) / (time.perf_counter() - t0)
-      writer.write(done, metrics)
-      last_train = metrics
-      bar.set_postfix_str(_summary(metrics, ("loss", "head1/top1")))
-      say(f"step {done}: {_summary(metrics)}")
-    if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-      last_eval = evaluate(done)
-      if last_eval:
-        writer.write(done, last_eval, "eval")
-        say(f"eval step {done}: {_summary(last_eval)}")
-    ckpts.save(done, {"params": tparams, "opt_state": opt_state}, it.get_state(), force=done == tc.steps)
-  bar.close()
-  if end == tc.steps:
-    params = merge(frozen, tparams)
-    ckpt_lib.save_export(os.path.join(workdir, "export"), cfg, hcfg, params, include_base=trains_base,
-                         model=config.model)
-    say(f"Exported params for decoding to {os.path.join(workdir, 'export')}")
-  ckpts.close()
-  writer.close()
-  return {"train": last_train, "eval": last_eval, "step": end}
+  try:
+    with preemption_lib.TrainStop(ckpts.reached_preemption, jax.process_count()) as stop:
+      for step in bar:
+        batch = placement.put_batch(next(it))
+        fn = heads_only_fn if step < tc.heads_only_steps else step_fn
+        tparams, opt_state, metrics = fn(tparams, opt_state, frozen, batch, jnp.asarray(step), teacher)
+        done = step + 1
+        nonfinite.add(done, position, metrics)
+        position = it.get_state()
+        # Every host asks at every step (JAX's preemption sync point needs it); all get the same answer.
+        stopped = stop.reached(done)
+        save = stopped is not None or done == tc.steps or ckpts.should_save(done)
+        log = done % tc.log_every == 0 or done == end or stopped is not None
+        if log or save:
+          skipped = nonfinite.check(ckpts.latest_step)
+        if log:
+          metrics = {k: float(v) for k, v in metrics.items() if k != "skipped"}
+          metrics["skipped_steps"] = skipped  # since the previous log line
+          metrics.update({f"lr/{g}": float(s(step)) for g, s in sched.items()
+                          if g in set(label_map.values())})
+          metrics["steps_per_s"] = (done - start) / (time.perf_counter() - t0)
+          writer.write(done, metrics)
+          last_train = metrics
+          bar.set_postfix_str(_summary(metrics, ("loss", "head1/top1")))
+          say(f"step {done}: {_summary(metrics)}")
+        # A stopping host saves first: the time between SIGTERM and the end of the VM is short.
+        if stopped is None and tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+          last_eval = evaluate(done)
+          if last_eval:
+            writer.write(done, last_eval, "eval")
+            say(f"eval step {done}: {_summary(last_eval)}")
+        if save:
+          ckpts.save(done, {"params": tparams, "opt_state": opt_state}, position, force=True)
+        if stopped is not None:
+          say(f"Stopped by {stopped} after step {done}: saved its checkpoint (train state and data position) "
+              f"in {ckpts.dir}. Run the same command again to resume.")
+          break
+    if stopped is None and done == tc.steps:
+      params = merge(frozen, tparams)
+      ckpt_lib.save_export(os.path.join(workdir, "export"), cfg, hcfg, params, include_base=trains_base,
+                           model=config.model)
+      say(f"Exported params for decoding to {os.path.join(workdir, 'export')}")
+  finally:
+    bar.close()
+    ckpts.close()
+    writer.close()
+  return {"train": last_train, "eval": last_eval, "step": done, "stopped": stopped,
+          "skipped_steps": nonfinite.total}

@@ -67,6 +67,13 @@ class TreeBuffers:
       number of children any node has.
     children_valid: [N, W] bool; False on the padding.
     num_children: [N] int32.
+    ancestors: [N, depth + 1] int32; ``ancestors[i, j]`` is node i's ancestor at depth j (itself at
+      its own depth, the root at depth 0), padded with 0 beyond its depth.
+    level_parents: per depth d = 1..depth, the nodes of depth d-1 that have children, in node order:
+      sequential heads draft level d by evaluating head d once per such node (batched).
+    parent_slot: [N] int32; the index of each node's parent in ``level_parents`` of the node's
+      depth (so a depth-d node's token is rank ``rank[i]`` of head d's top-k at that parent); -1 for
+      the root.
   """
 
   choices: Choices
@@ -86,6 +93,9 @@ class TreeBuffers:
   children: np.ndarray
   children_valid: np.ndarray
   num_children: np.ndarray
+  ancestors: np.ndarray
+  level_parents: tuple[np.ndarray, ...]
+  parent_slot: np.ndarray
 
   @property
   def num_heads_needed(self) -> int:
@@ -227,13 +237,24 @@ def build(choices: Sequence[Sequence[int]], num_heads: int | None = None,
     path_valid[c, :len(row)] = True
   path_lengths = path_valid.sum(axis=1).astype(np.int32)
 
+  ancestors = np.zeros((n, depth + 1), np.int32)
+  for i, p in enumerate(nodes):
+    ancestors[i, :len(p) + 1] = [node_of[p[:d]] for d in range(len(p) + 1)]
+  level_parents = tuple(np.array(sorted({int(parent[i]) for i in range(1, n) if depths[i] == d}), np.int32)
+                        for d in range(1, depth + 1))
+  parent_slot = np.full((n,), -1, np.int32)
+  for i in range(1, n):
+    parent_slot[i] = int(np.searchsorted(level_parents[depths[i] - 1], parent[i]))
+
   return TreeBuffers(
       choices=canon, num_nodes=n, depth=depth, topk=topk, segment_topk=segment_topk,
       num_candidates=int(offsets[-1]), attn_mask=_readonly(attn_mask),
       depths=_readonly(depths), tree_indices=_readonly(tree_indices), paths=_readonly(paths),
       path_valid=_readonly(path_valid), path_lengths=_readonly(path_lengths),
       parent=_readonly(parent), rank=_readonly(rank), children=_readonly(children),
-      children_valid=_readonly(children_valid), num_children=_readonly(num_children))
+      children_valid=_readonly(children_valid), num_children=_readonly(num_children),
+      ancestors=_readonly(ancestors), level_parents=tuple(_readonly(a) for a in level_parents),
+      parent_slot=_readonly(parent_slot))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random HF checkpoints and the bundled SmolLM2, each built at most once.
+"""Shared fixtures: tiny random HF checkpoints, the bundled SmolLM2 and a tiny training run, each built once.
 
 Fixtures
 --------
@@ -15,12 +15,28 @@ Fixtures
     transformers' own fp32 load of the same GGUF file (torch, eval mode).
 ``smollm2_chat_prompt`` -> list[int]
     A real chat prompt built with the tokenizer's chat template.
+``tiny_chat_dir``
+    A tiny random Llama with SmolLM2's vocabulary and tokenizer, as an HF directory.
+
+Training (tests/test_train.py and tests/test_faults.py)
+-------------------------------------------------------
+``train_config(data_dir, name='smollm2_medusa1', **train)``
+    A ``configs/NAME.py:tiny`` config on 64 ShareGPT conversations, metrics every step.
+``data_dir``
+    Its ShareGPT dataset, built once.
+``run_a`` -> (config, workdir, return value, TensorBoard scalars)
+    One uninterrupted run of ``train_config(data_dir)``, the reference of every interrupted one.
+``tb_scalars(workdir)`` / ``without_timing(scalars)``
+    The TensorBoard scalars of each run in a workdir; the same without the timing ones.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import shutil
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +131,81 @@ def tiny_chat_dir(tiny_llama_dir, tmp_path_factory):
   shutil.copytree(src, path)
   bundled.smollm2_tokenizer().save_pretrained(path)
   return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the shared tiny run
+# ----------------------------------------------------------------------------------------------
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TRAIN_STEPS = 12  # of the shared run
+DRAFT_VOCAB = 256
+
+
+def load_config(name: str, variant: str | None = "tiny"):
+  """``configs/NAME.py:VARIANT``, loaded by path as the CLIs load it."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant)
+
+
+def train_config(data_dir: str, name: str = "smollm2_medusa1", **train):
+  """A tiny config on 64 ShareGPT conversations (a fifth held out, so evaluation has batches)."""
+  c = load_config(name)
+  c.data.source = "sharegpt"
+  c.data.max_examples = 64
+  c.data.heldout_fraction = 0.2
+  c.data.data_dir = data_dir
+  c.heads.draft_vocab = DRAFT_VOCAB
+  c.train.update(dict(steps=TRAIN_STEPS, lr=0.1, log_every=1, eval_every=1, eval_batches=1, checkpoint_every=4,
+                      keep_checkpoints=3))
+  c.train.update(train)
+  return c
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """The ShareGPT dataset of ``train_config``, built once (training reuses it: same name and settings)."""
+  from medusa_jax import convert, data, trainer  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("train_data"))
+  c = train_config(path)
+  _, _, tok = convert.load_model(c.model)
+  data.prepare_sharegpt(path, tok, max_len=c.data.max_len, max_examples=c.data.max_examples,
+                        heldout_fraction=c.data.heldout_fraction, name=trainer.dataset_name(c))
+  return path
+
+
+def tb_scalars(workdir: str) -> list[dict]:
+  """TensorBoard scalars {(tag, step): value}, one dict per event file, oldest run first.
+
+  TensorBoard itself is not installed: the files are TFRecords (u64 length, u32 crc, an ``Event``
+  proto, u32 crc) of tensorboardX's own protos.
+  """
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  runs = []
+  for path in glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")):
+    with open(path, "rb") as f:
+      buf = f.read()
+    i, events = 0, []
+    while i < len(buf):
+      (n,) = struct.unpack("<Q", buf[i:i + 8])
+      events.append(event_pb2.Event.FromString(buf[i + 12:i + 12 + n]))
+      i += 12 + n + 4
+    runs.append((events[0].wall_time, {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value}))
+  return [s for _, s in sorted(runs, key=lambda r: r[0])]
+
+
+def without_timing(scalars: dict) -> dict:
+  return {k: v for k, v in scalars.items() if k[0] != "train/steps_per_s"}
+
+
+@pytest.fixture(scope="session")
+def run_a(data_dir, tmp_path_factory):
+  """The shared uninterrupted Medusa-1 run: (config, workdir, return value, TensorBoard scalars)."""
+  from medusa_jax import trainer  # pylint: disable=g-import-not-at-top
+  c = train_config(data_dir)
+  workdir = str(tmp_path_factory.mktemp("run_a"))
+  out = trainer.train_and_evaluate(c, workdir)
+  (scalars,) = tb_scalars(workdir)
+  return c, workdir, out, scalars

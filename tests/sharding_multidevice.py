@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from medusa_jax import checkpoint as ckpt_lib
 from medusa_jax import config as config_lib
 from medusa_jax import decode
+from medusa_jax import medusa
 from medusa_jax import heads as heads_lib
 from medusa_jax import model as model_lib
 from medusa_jax import runtime
@@ -170,16 +171,16 @@ def check_decode(out):
   base = jax.tree.map(lambda x: x * 5.0 if x.ndim > 1 else x, base)  # sharper logits: no near-ties
   params = {"base": base, "medusa": runtime.random_heads(HCFG, CFG, base, seed=2, scale=0.5)}
   params = jax.tree.map(np.asarray, params)
-  spec = decode.MedusaSpec(heads=HCFG, tree=tree_lib.resolve("dense:2,3", num_heads=HCFG.num_heads))
+  spec = medusa.MedusaSpec(heads=HCFG, tree=tree_lib.resolve("dense:2,3", num_heads=HCFG.num_heads))
   sampling = decode.Sampling(max_new_tokens=24)
   prompts = [np.random.default_rng(3).integers(0, 255, n).tolist() for n in (7, 12)]
-  ref_tokens, ref_state = decode.make_decoder(CFG, sampling, spec).generate(jax.tree.map(jnp.asarray, params), prompts)
+  ref_tokens, ref_state = medusa.make_decoder(CFG, sampling, spec).generate(jax.tree.map(jnp.asarray, params), prompts)
   c = config()
   res = {"ref": ref_tokens, "ref_steps": int(ref_state.steps), "meshes": {}}
   for shape in DECODE_MESHES:
     pl = sharding.DecodePlacement.from_config(c, CFG, HCFG, shape=shape)
     p_sh = pl.put(params, pl.params(params))
-    dec = decode.make_decoder(CFG, sampling, spec, placement=pl)
+    dec = medusa.make_decoder(CFG, sampling, spec, placement=pl)
     tokens, state = dec.generate(p_sh, prompts)
     streamed = [[], []]
     for new in dec.stream(p_sh, prompts):

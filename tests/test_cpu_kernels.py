@@ -15,6 +15,7 @@ import pytest
 
 from medusa_jax import cpu_kernels
 from medusa_jax import decode
+from medusa_jax import medusa
 from medusa_jax import model as model_lib
 from medusa_jax.model import ModelConfig
 
@@ -29,6 +30,13 @@ CFG = ModelConfig(vocab_size=100, dim=40, num_layers=2, num_heads=5, num_kv_head
 def _base(cfg, seed=0, scale=4.0):
   base = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
   return jax.tree.map(lambda x: x * scale if x.ndim > 1 else x, base)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_for_every_row_count(monkeypatch):
+  """The measured crossover is this machine's business (test_crossover_*); here the kernel is on for
+  every call these tests make, so what they check does not depend on the CPU."""
+  monkeypatch.setenv(cpu_kernels.ROWS_ENV, "128")
 
 
 def test_library_builds_and_loads():
@@ -61,41 +69,86 @@ def test_a_rows_result_does_not_depend_on_its_call():
 
 def test_forward_with_packed_weights_matches_xla():
   base = _base(CFG)
-  packed = cpu_kernels.decode_params(CFG, {"base": base})["base"]
-  assert {"qkv_p", "wo_p", "gate_up_p", "down_p"} <= set(packed["layers_0"]) and "lm_head_p" in packed
+  packed = model_lib.pack_weights(CFG, base)
+  assert set(packed) == {"layers", "lm_head"} and set(packed["layers"][0]) == {"qkv", "wo", "gate_up", "down"}
   fwd = jax.jit(model_lib.forward, static_argnums=0)
   B, L = 2, 7
   tokens = jax.random.randint(jax.random.PRNGKey(1), (B, L), 0, CFG.vocab_size)
   positions = jnp.broadcast_to(jnp.arange(L), (B, L))
   mask = model_lib.causal_mask(jnp.array([L, L - 2]), L)
   want_logits, want_hidden, _ = fwd(CFG, base, tokens, positions, mask)
-  got_logits, got_hidden, _ = fwd(CFG, packed, tokens, positions, mask)
+  got_logits, got_hidden, _ = fwd(CFG, base, tokens, positions, mask, packed=packed)
   scale = float(jnp.abs(want_logits).max())
   np.testing.assert_allclose(got_logits, want_logits, atol=2e-6 * scale)
   np.testing.assert_allclose(got_hidden, want_hidden, atol=2e-5)
   greedy = jax.jit(model_lib.greedy_tokens, static_argnums=0)
-  np.testing.assert_array_equal(greedy(CFG, packed, got_hidden), greedy(CFG, base, want_hidden))
+  np.testing.assert_array_equal(greedy(CFG, base, got_hidden, packed), greedy(CFG, base, want_hidden))
   # The kernel is in the compiled forward, and not in the one without packed weights.
-  assert cpu_kernels.TARGET in fwd.lower(CFG, packed, tokens, positions, mask).as_text()
+  assert cpu_kernels.TARGET in fwd.lower(CFG, base, tokens, positions, mask, packed=packed).as_text()
   assert cpu_kernels.TARGET not in fwd.lower(CFG, base, tokens, positions, mask).as_text()
+
+
+def test_crossover_follows_the_measured_row_counts(monkeypatch):
+  """Calls of more rows than the measured crossover go to XLA's dot, the others to the kernel."""
+  base = _base(CFG)
+  packed = model_lib.pack_weights(CFG, base)
+  fwd = jax.jit(model_lib.forward, static_argnums=0)
+  monkeypatch.setenv(cpu_kernels.ROWS_ENV, "4")
+  for B, L, kernel in ((1, 4, True), (2, 2, True), (1, 5, False), (2, 3, False)):
+    tokens = jnp.zeros((B, L), jnp.int32)
+    hlo = fwd.lower(CFG, base, tokens, jnp.broadcast_to(jnp.arange(L), (B, L)),
+                    model_lib.causal_mask(jnp.full((B,), L), L), packed=packed).as_text()
+    assert (cpu_kernels.TARGET in hlo) == kernel, (B, L)
+
+
+def test_crossover_is_the_last_row_count_of_an_unbroken_run_of_wins():
+  rows = (1, 2, 4, 8, 16, 32)
+  t = lambda *pairs: list(pairs)
+  assert cpu_kernels.crossover(rows, t((10, 9), (11, 9), (12, 10), (14, 12), (20, 21), (30, 25))) == 8
+  assert cpu_kernels.crossover(rows, t((10, 11), (11, 9), (12, 10), (14, 12), (20, 19), (30, 25))) == 0
+  assert cpu_kernels.crossover(rows, t((10, 10), (11, 9), (12, 10), (14, 12), (20, 19), (30, 25))) == 32
+  # A tie at one row (within 3%) does not stop the run of wins after it ...
+  assert cpu_kernels.crossover(rows, t((56.6, 56.7), (81, 67), (112, 68), (125, 77), (181, 117), (262, 290))) == 16
+  # ... but ties alone choose XLA: the kernel never won.
+  assert cpu_kernels.crossover(rows, t(*[(10, 10.2)] * 6)) == 0
+
+
+def test_tuning_is_measured_once_and_cached(monkeypatch, tmp_path):
+  """No cached record: the first use measures (here: a stub) and writes it beside the library;
+  later uses read it. The override wins over both."""
+  monkeypatch.delenv(cpu_kernels.ROWS_ENV)
+  monkeypatch.setenv("MEDUSA_JAX_CACHE", str(tmp_path))
+  cpu_kernels._tuned.cache_clear()  # pylint: disable=protected-access
+  calls = []
+  monkeypatch.setattr(cpu_kernels, "_time_projections",
+                      lambda rows, repeats: calls.append(rows) or [(10.0, 9.0) if n <= 6 else (10.0, 11.0) for n in rows])
+  try:
+    import os  # pylint: disable=g-import-not-at-top
+    os.makedirs(os.path.dirname(cpu_kernels._tuning_path()))  # pylint: disable=protected-access
+    assert cpu_kernels.max_rows() == 6 and len(calls) == 1
+    assert cpu_kernels.max_rows() == 6 and len(calls) == 1
+    assert "<= 6 rows" in cpu_kernels.report(cpu_kernels.tuning())
+    monkeypatch.setenv(cpu_kernels.ROWS_ENV, "2")
+    assert cpu_kernels.max_rows() == 2
+  finally:
+    cpu_kernels._tuned.cache_clear()  # pylint: disable=protected-access
 
 
 def test_decoder_packs_once_and_generates_as_xla_does(monkeypatch):
   params = {"base": _base(CFG, seed=3)}
   prompts = [[5, 9, 3, 12, 7], [1, 2]]
-  dec = decode.make_decoder(CFG, decode.Sampling(max_new_tokens=12))
-  first = dec.decode_params(params)
-  assert cpu_kernels.is_packed(first) and dec.decode_params(params)["base"] is first["base"]
-  assert dec.decode_params(first) is first
+  dec = medusa.make_decoder(CFG, decode.Sampling(max_new_tokens=12))
+  first = dec.prepare(params)
+  assert first.packed is not None and set(first.params["base"]) == set(params["base"])  # params untouched
   # Another decoder of the same backbone (vanilla and Medusa in a benchmark) shares the copy.
-  other = decode.make_decoder(CFG, decode.Sampling(max_new_tokens=3))
-  assert other.decode_params(params)["base"] is first["base"]
-  got, _ = dec.generate(params, prompts)
+  other = medusa.make_decoder(CFG, decode.Sampling(max_new_tokens=3))
+  assert other.prepare(first).packed is first.packed
+  got, _ = dec.generate(first, prompts)
 
   monkeypatch.setenv(cpu_kernels.ENV, "0")
   assert not cpu_kernels.enabled()
-  plain = decode.make_decoder(CFG, decode.Sampling(max_new_tokens=12))
-  assert not cpu_kernels.is_packed(plain.decode_params(params))
+  plain = medusa.make_decoder(CFG, decode.Sampling(max_new_tokens=12))
+  assert plain.prepare(params).packed is None
   want, _ = plain.generate(params, prompts)
   assert got == want
 
@@ -103,8 +156,7 @@ def test_decoder_packs_once_and_generates_as_xla_does(monkeypatch):
 def test_float64_params_are_left_alone():
   with jax.enable_x64(True):
     cfg64 = CFG.replace(dtype="float64", param_dtype="float64")
-    base = _base(cfg64)
-    assert not cpu_kernels.is_packed(cpu_kernels.decode_params(cfg64, {"base": base}))
+    assert model_lib.pack_weights(cfg64, _base(cfg64)) is None
 
 
 def test_build_error_is_clear(monkeypatch, tmp_path):

@@ -227,3 +227,20 @@ def test_empty_prompt_rejected(tiny):
   cfg, params = tiny
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     _decoder(cfg, max_new_tokens=4).start(params, [[1, 2], []])
+
+
+def test_sliding_window_caps_the_context_with_a_clear_error():
+  """Mistral's sliding window is not implemented: contexts stop at the window, where it and full
+  causal attention agree, and a longer request says why."""
+  from medusa_jax import convert  # pylint: disable=g-import-not-at-top
+  hf = dict(model_type="mistral", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, sliding_window=4096)
+  cfg = convert.config_from_hf(hf)
+  assert cfg.max_seq_len == 4096 and cfg.sliding_window == 4096
+  decode.plan_cache(cfg, [3000], 1000)
+  with pytest.raises(decode.PromptTooLongError, match="4096-token sliding window"):
+    decode.plan_cache(cfg, [3500], 1000)
+  # No window, or one at least the context: nothing changes.
+  assert convert.config_from_hf({**hf, "sliding_window": None}).max_seq_len == 32768
+  assert convert.config_from_hf({**hf, "sliding_window": 65536}).sliding_window is None
+  assert convert.config_from_hf({**hf, "model_type": "qwen2", "use_sliding_window": False}).max_seq_len == 32768

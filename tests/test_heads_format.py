@@ -241,7 +241,7 @@ def test_save_refuses_a_draft_vocabulary(tmp_path):
 
 def test_loaded_heads_decode_beside_an_hf_backbone(tiny, tmp_path):
   """Heads from a release directory plug into Medusa decoding of an HF-loaded backbone."""
-  from medusa_jax import decode, tree as tree_lib  # pylint: disable=g-import-not-at-top
+  from medusa_jax import decode, medusa, tree as tree_lib  # pylint: disable=g-import-not-at-top
   cfg, params = tiny
   hcfg = HeadsConfig(num_heads=2, num_layers=1, shared_lm_head=False)
   convert.save_medusa_heads(str(tmp_path), hcfg, cfg, _random_heads(hcfg, cfg))
@@ -250,7 +250,7 @@ def test_loaded_heads_decode_beside_an_hf_backbone(tiny, tmp_path):
   sampling = decode.Sampling(max_new_tokens=12)
   prompts = [[5, 17, 3], [9, 1, 200, 44, 7]]
   cfg = cfg.replace(eos_ids=())
-  want, _ = decode.make_decoder(cfg, sampling).generate(params, prompts)
-  spec = decode.MedusaSpec(heads=hcfg2, tree=tree_lib.resolve("dense:2,2"))
-  got, _ = decode.make_decoder(cfg, sampling, spec).generate(params, prompts)
+  want, _ = medusa.make_decoder(cfg, sampling).generate(params, prompts)
+  spec = medusa.MedusaSpec(heads=hcfg2, tree=tree_lib.resolve("dense:2,2"))
+  got, _ = medusa.make_decoder(cfg, sampling, spec).generate(params, prompts)
   assert got == want

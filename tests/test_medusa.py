@@ -1,4 +1,4 @@
-"""Tests of Medusa decoding (medusa_jax/decode.py: MedusaSpec, medusa_step and its acceptance rules).
+"""Tests of Medusa decoding (medusa_jax/medusa.py: MedusaSpec, medusa_step and its acceptance rules).
 
 What is pinned, each on a tiny random model (compiles in about a second):
   * tree attention: a node's logits depend on its ancestors and the prefix and on nothing else
@@ -22,6 +22,7 @@ from scipy import stats
 
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
+from medusa_jax import medusa
 from medusa_jax import model as model_lib
 from medusa_jax import tree as tree_lib
 from medusa_jax.heads import HeadsConfig
@@ -159,14 +160,14 @@ def _x64_params():
   M = hcfg.num_heads
   base = _scaled_params(cfg, 0, X64_SCALE)
   rng = np.random.default_rng(0)
-  medusa = {"w": rng.normal(0, 0.1, (M, 1, cfg.dim, cfg.dim)), "b": rng.normal(0, 0.1, (M, 1, cfg.dim))}
+  med = {"w": rng.normal(0, 0.1, (M, 1, cfg.dim, cfg.dim)), "b": rng.normal(0, 0.1, (M, 1, cfg.dim))}
   outs, _ = _decoder(cfg, decode.Sampling(max_new_tokens=MAX_NEW)).generate({"base": base}, PROMPTS)
   feats, targets = [[] for _ in range(M)], [[] for _ in range(M)]
   for prompt, out in zip(PROMPTS, outs):
     seq = prompt + out
     L = len(seq)
     _, hidden = _causal_forward(cfg, base, jnp.asarray([seq]), jnp.asarray([L]))
-    states = np.asarray(heads_lib.head_states(hcfg, cfg, {"medusa": medusa}, hidden))[0]  # [L, M, D]
+    states = np.asarray(heads_lib.head_states(hcfg, cfg, {"medusa": med}, hidden))[0]  # [L, M, D]
     for t in range(len(prompt) - 1, L):
       for m in range(M):
         if t + m + 2 < L:
@@ -175,19 +176,19 @@ def _x64_params():
   lm_head = np.stack([np.linalg.lstsq(np.array(x), np.eye(V)[y], rcond=None)[0]
                       for x, y in zip(feats, targets)])  # [M, D, V]
   # Noise, so that the heads are also wrong at times and rejection is exercised too.
-  medusa["lm_head"] = lm_head + X64_NOISE * lm_head.std() * rng.normal(size=lm_head.shape)
-  return {"base": base, "medusa": medusa}
+  med["lm_head"] = lm_head + X64_NOISE * lm_head.std() * rng.normal(size=lm_head.shape)
+  return {"base": base, "medusa": med}
 
 
 @functools.lru_cache(maxsize=None)
 def _decoder(cfg, sampling, spec=None):
   """One compiled decoder per (config, sampling, mode), shared by the tests that need it."""
-  return decode.make_decoder(cfg, sampling, spec)
+  return medusa.make_decoder(cfg, sampling, spec)
 
 
 def _spec(tree_name, heads=X64_HEADS, vocab=64, **kw):
   tree = tree_lib.resolve(tree_name, num_heads=heads.num_heads, max_topk=vocab)
-  return decode.MedusaSpec(heads=heads, tree=tree, **kw)
+  return medusa.MedusaSpec(heads=heads, tree=tree, **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,9 +266,9 @@ def test_greedy_medusa_equals_greedy_smollm2(smollm2):
   prompts = [tok.encode(t, add_special_tokens=False) for t in
              ("The capital of France is", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,")]
   sampling = decode.Sampling(max_new_tokens=32)
-  want, vstate = decode.make_decoder(cfg, sampling).generate(params, prompts)
+  want, vstate = medusa.make_decoder(cfg, sampling).generate(params, prompts)
   tree = tree_lib.resolve("chain:3", num_heads=3)
-  got, mstate = decode.make_decoder(cfg, sampling, decode.MedusaSpec(hcfg, tree)).generate(params, prompts)
+  got, mstate = medusa.make_decoder(cfg, sampling, medusa.MedusaSpec(hcfg, tree)).generate(params, prompts)
   assert got == want
   assert int(mstate.steps) < int(vstate.steps)
 
@@ -278,33 +279,34 @@ def test_greedy_medusa_equals_greedy_smollm2(smollm2):
                                                          (False, 0, False, True)])
 def test_head_candidates_match_subset_logits(tie, draft_vocab, shared, nxt):
   """head_candidates' vocabulary-major projection picks what top-k of heads.subset_logits picks,
-  before (prefill) and after prepare_for_decoding; heads that read the next token read the one given."""
+  with the projection gathered on the fly or once (heads.decoding_weights); heads that read the next
+  token read the one given."""
   cfg = TINY.replace(tie_embeddings=tie)
   base = _scaled_params(cfg, 3, 20.0)
   hcfg = HeadsConfig(num_heads=3, shared_lm_head=shared, draft_vocab=draft_vocab, next_token_input=nxt)
-  medusa = heads_lib.init_params(hcfg, cfg, base)
-  medusa["w"] = jax.random.normal(jax.random.PRNGKey(4), medusa["w"].shape) * 0.3
+  med = heads_lib.init_params(hcfg, cfg, base)
+  med["w"] = jax.random.normal(jax.random.PRNGKey(4), med["w"].shape) * 0.3
   if nxt:
-    medusa["tok_w"] = jax.random.normal(jax.random.PRNGKey(7), medusa["tok_w"].shape) * 0.3
+    med["tok_w"] = jax.random.normal(jax.random.PRNGKey(7), med["tok_w"].shape) * 0.3
   next_B = jnp.array([3, 7], jnp.int32)
   if draft_vocab:
-    medusa["vocab_ids"] = jnp.asarray(np.sort(np.random.default_rng(5).choice(cfg.vocab_size, draft_vocab, False)),
+    med["vocab_ids"] = jnp.asarray(np.sort(np.random.default_rng(5).choice(cfg.vocab_size, draft_vocab, False)),
                                       jnp.int32)
-  params = {"base": base, "medusa": medusa}
-  spec = decode.MedusaSpec(heads=hcfg, tree=tree_lib.resolve("dense:3,2", 3))
+  params = {"base": base, "medusa": med}
+  spec = medusa.MedusaSpec(heads=hcfg, tree=tree_lib.resolve("dense:3,2", 3))
   hidden = jax.random.normal(jax.random.PRNGKey(6), (2, 1, cfg.dim))
   sub = heads_lib.subset_logits(HeadsConfig(num_heads=2, shared_lm_head=shared, draft_vocab=draft_vocab,
                                             next_token_input=nxt), cfg,
                                 {"base": base, "medusa": {k: (v if k == "vocab_ids" else v[:2])
-                                                          for k, v in medusa.items()}}, hidden, next_B[:, None])[:, 0]
+                                                          for k, v in med.items()}}, hidden, next_B[:, None])[:, 0]
   want = jnp.concatenate([jax.lax.top_k(sub[:, m], k)[1] for m, k in enumerate(spec.tree.segment_topk)], -1)
   if draft_vocab:
-    want = medusa["vocab_ids"][want]
-  for p in (params, heads_lib.prepare_for_decoding(hcfg, cfg, params)):
-    np.testing.assert_array_equal(np.asarray(decode.head_candidates(spec, cfg, p, hidden, next_B)),
+    want = med["vocab_ids"][want]
+  for proj in (None, heads_lib.decoding_weights(hcfg, cfg, params).get("proj_VxD")):
+    np.testing.assert_array_equal(np.asarray(medusa.head_candidates(spec, cfg, params, hidden[:, 0], next_B, proj)),
                                   np.asarray(want))
   if nxt:  # the next token matters
-    other = decode.head_candidates(spec, cfg, params, hidden, next_B + 1)
+    other = medusa.head_candidates(spec, cfg, params, hidden[:, 0], next_B + 1)
     assert not np.array_equal(np.asarray(other), np.asarray(want))
 
 
@@ -330,7 +332,7 @@ def test_typical_ok_matches_numpy():
   logits = (scale * rng.normal(size=(4, 5, 3, V))).astype(np.float32)
   tokens = rng.integers(0, V, (4, 5, 3))
   for T in (0.5, 1.0, 1.7):
-    ok, logp = decode._typical_ok(jnp.asarray(logits), jnp.asarray(tokens), T, 0.09, 0.3)
+    ok, logp = medusa.typical_ok(jnp.asarray(logits), jnp.asarray(tokens), T, 0.09, 0.3)
     want_ok, want_logp = _np_typical(logits, tokens, T, 0.09, 0.3)
     np.testing.assert_array_equal(np.asarray(ok), want_ok)
     np.testing.assert_allclose(np.asarray(logp), want_logp, atol=1e-5)
@@ -340,8 +342,10 @@ def test_typical_ok_matches_numpy():
   assert (0.3 * np.exp(-h) < 0.09).any() and (0.3 * np.exp(-h) > 0.09).any()
 
 
-def test_typical_step_selection_matches_numpy(monkeypatch):
-  """One whole typical step on hand-made verification logits: path, tie-break, commit, next heads.
+@pytest.mark.parametrize("bonus", ["greedy", "sample"])
+def test_typical_step_selection_matches_numpy(monkeypatch, bonus):
+  """One whole typical step on hand-made verification logits: path, tie-break, commit, bonus token
+  (greedy by default, as in the paper; sampled at T with typical_bonus='sample'), next draft.
 
   The backbone forward is replaced by a stub that returns fixed logits for the tree nodes and
   writes a node-specific value into each node's K/V row, so where rows end up is visible.
@@ -349,13 +353,13 @@ def test_typical_step_selection_matches_numpy(monkeypatch):
   cfg = ModelConfig(vocab_size=10, dim=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, mlp_dim=8,
                     max_seq_len=64, bos_id=None, eos_ids=())
   hcfg = HeadsConfig(num_heads=2, num_layers=1, shared_lm_head=True)
-  spec = _spec("dense:3,2", heads=hcfg, vocab=10, acceptance="typical")
+  spec = _spec("dense:3,2", heads=hcfg, vocab=10, acceptance="typical", typical_bonus=bonus)
   tree = spec.tree
   N, V, B, S, T = tree.num_nodes, cfg.vocab_size, 4, 40, 0.8
   rng = np.random.default_rng(5)
   base = _scaled_params(cfg, 0, 10.0)
-  medusa = {"w": rng.normal(0, 0.5, (2, 1, 8, 8)), "b": rng.normal(0, 0.5, (2, 1, 8))}
-  params = jax.tree.map(jnp.asarray, {"base": base, "medusa": medusa})
+  med = {"w": rng.normal(0, 0.5, (2, 1, 8, 8)), "b": rng.normal(0, 0.5, (2, 1, 8))}
+  params = jax.tree.map(jnp.asarray, {"base": base, "medusa": med})
 
   # Candidates: root token, then head 1's top-3 and head 2's top-3 (distinct within a head).
   flat = np.stack([np.concatenate([[rng.integers(V)], rng.permutation(V)[:3], rng.permutation(V)[:3]])
@@ -388,21 +392,24 @@ def test_typical_step_selection_matches_numpy(monkeypatch):
     del cfg_, base_, tokens_BxN, positions, mask  # the tree's inputs are pinned by the tests above
     stamp = jnp.broadcast_to((100.0 + jnp.arange(N, dtype=jnp.float32))[None, None, :, None],
                              (B, cfg.num_kv_heads, N, cfg.head_dim))
-    layers = [{"k": model_lib._write_rows(l["k"], stamp, cache["index"]),
-               "v": model_lib._write_rows(l["v"], -stamp, cache["index"])} for l in cache["layers"]]
+    layers = [{"k": model_lib.write_cache_rows(l["k"], stamp, cache["index"]),
+               "v": model_lib.write_cache_rows(l["v"], -stamp, cache["index"])} for l in cache["layers"]]
     return jnp.asarray(logits), jnp.asarray(hidden), {"layers": layers, "index": cache["index"]}
 
-  monkeypatch.setattr(decode.model_lib, "forward", fake_forward)
+  monkeypatch.setattr(medusa.model_lib, "forward", fake_forward)
+  # The draft: the heads' candidates are pinned too (head_candidates has tests of its own).
+  monkeypatch.setattr(medusa, "head_candidates", lambda *a, **k: jnp.asarray(flat[:, 1:]))
   cache = model_lib.init_cache(cfg, B, S)
   cache = {**cache, "index": jnp.asarray(idx)}
   state = decode.DecodeState(
       cache=cache, tokens_BxT=jnp.zeros((B, 20), jnp.int32), num_B=jnp.ones((B,), jnp.int32),
       done_B=jnp.zeros((B,), bool), last_B=jnp.asarray(flat[:, 0]), rng=jax.random.PRNGKey(0),
-      steps=jnp.zeros((), jnp.int32), extra=jnp.asarray(flat[:, 1:]))
+      steps=jnp.zeros((), jnp.int32), draft=decode.DraftCarry(jnp.zeros((B, cfg.dim))))
   sampling = decode.Sampling(temperature=T, max_new_tokens=19)
-  new = jax.jit(functools.partial(decode.medusa_step, cfg, sampling=sampling, spec=spec))(params, state)
+  step = jax.jit(functools.partial(medusa.medusa_step, cfg, sampling=sampling, spec=spec))
+  new = step(decode.DecodeParams(params), state)
 
-  counts = []
+  counts, last_nodes = [], []
   for b in range(B):
     # NumPy: accepted prefix of each path, the longest, ties to the larger sum of log p, then
     # to the first in the tree's path order.
@@ -425,13 +432,27 @@ def test_typical_step_selection_matches_numpy(monkeypatch):
     # The accepted nodes' K/V rows now follow the prefix, in path order.
     rows = np.asarray(new.cache["layers"][0]["k"][b, 0, idx[b]:idx[b] + count + 1, 0])
     np.testing.assert_array_equal(rows, 100.0 + accepted)
-    # The next candidates come from the heads at the last accepted node.
-    want_next = decode.head_candidates(spec, cfg, params, jnp.asarray(hidden[b:b + 1, accepted[-1]][:, None]),
-                                       jnp.asarray(emitted[-1:]))
-    np.testing.assert_array_equal(np.asarray(new.extra[b]), np.asarray(want_next[0]))
+    last_nodes.append(accepted[-1])
+    if bonus == "greedy":  # the paper's rule: the argmax at the last accepted node
+      assert emitted[-1] == np.argmax(logits[b, accepted[-1]])
+    # The next draft reads the hidden state at the last accepted node, and the bonus token.
+    np.testing.assert_array_equal(np.asarray(new.draft.hidden_BxD[b]), hidden[b, accepted[-1]])
     assert new.last_B[b] == emitted[-1]
   assert int(new.steps) == 1
   assert counts[1:] == [0, 1, 2], counts
+  # Over many keys the bonus token is always the argmax (greedy) or drawn from softmax(logits / T):
+  # every draw possible, their frequencies those probabilities.
+  draws = np.stack([np.asarray(step(decode.DecodeParams(params), state.replace(rng=jax.random.PRNGKey(k))).last_B)
+                    for k in range(400)])  # [keys, B]
+  for b, node in enumerate(last_nodes):
+    if bonus == "greedy":
+      assert (draws[:, b] == np.argmax(logits[b, node])).all()
+    else:
+      z = logits[b, node].astype(np.float64) / T
+      p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+      freq = np.bincount(draws[:, b], minlength=V) / len(draws)
+      assert np.abs(freq - p).max() < 0.08, (freq, p)
+      assert (freq > 0).sum() > 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,9 +472,9 @@ def _small_params():
   base = _scaled_params(SMALL, 2, 10.0)  # entropy 5.3 of 6.2 nats over 8^3: neither flat nor peaked
   rng = np.random.default_rng(2)
   M, D = SMALL_HEADS.num_heads, SMALL.dim
-  medusa = {"w": rng.normal(0, 0.3, (M, 1, D, D)).astype(np.float32),
-            "b": rng.normal(0, 0.3, (M, 1, D)).astype(np.float32)}
-  return jax.tree.map(jnp.asarray, {"base": base, "medusa": medusa})
+  med = {"w": rng.normal(0, 0.3, (M, 1, D, D)).astype(np.float32),
+         "b": rng.normal(0, 0.3, (M, 1, D)).astype(np.float32)}
+  return jax.tree.map(jnp.asarray, {"base": base, "medusa": med})
 
 
 def _nucleus(logp, top_p):
@@ -517,9 +538,12 @@ def _chi_square_p(counts, dist):
   return stats.chisquare(obs, exp).pvalue
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_lossless_sampling_matches_plain_sampling(top_p):
-  spec = _spec("dense:2,2", heads=SMALL_HEADS, vocab=8, acceptance="sample")
+@pytest.mark.parametrize("tree_name,top_p", [("dense:2,2", 1.0), ("dense:2,2", 0.8), ("dense:2,1", 1.0)])
+def test_lossless_sampling_matches_plain_sampling(tree_name, top_p):
+  """The first three tokens: the prefill's, then the first step's. With the depth-2 tree they are
+  accepted candidates or residual draws; with the depth-1 tree the third token is, whenever the
+  step accepted its leaf, the one drawn from the leaf's own distribution after it."""
+  spec = _spec(tree_name, heads=SMALL_HEADS, vocab=8, acceptance="sample")
   dist = _exact_three_token_distribution(top_p)
   counts, accepted = _sample_first_three(spec, top_p)
   assert accepted > 0.2  # the heads' candidates are often accepted: the tree walk is exercised
@@ -544,10 +568,18 @@ def test_lossless_sampling_test_detects_a_wrong_rule():
 def test_tree_deeper_than_heads_is_an_error():
   tree = tree_lib.resolve("chain:3")
   with pytest.raises(ValueError, match="3 deep but there are only 2 Medusa heads"):
-    decode.MedusaSpec(heads=HeadsConfig(num_heads=2), tree=tree)
-  decode.MedusaSpec(heads=HeadsConfig(num_heads=3), tree=tree)  # exactly deep enough is fine
+    medusa.MedusaSpec(heads=HeadsConfig(num_heads=2), tree=tree)
+  medusa.MedusaSpec(heads=HeadsConfig(num_heads=3), tree=tree)  # exactly deep enough is fine
 
 
 def test_bad_acceptance_name():
   with pytest.raises(ValueError, match="acceptance must be one of"):
-    decode.MedusaSpec(heads=HeadsConfig(), tree=tree_lib.resolve("chain:2"), acceptance="typicl")
+    medusa.MedusaSpec(heads=HeadsConfig(), tree=tree_lib.resolve("chain:2"), acceptance="typicl")
+
+
+def test_greedy_acceptance_with_a_temperature_is_an_error():
+  spec = medusa.MedusaSpec(heads=HeadsConfig(num_heads=2), tree=tree_lib.resolve("chain:2"))
+  with pytest.raises(ValueError, match="--acceptance sample .* or --acceptance typical"):
+    medusa.make_decoder(TINY, decode.Sampling(temperature=0.7), spec)
+  medusa.make_decoder(TINY, decode.Sampling(temperature=0.7), medusa.MedusaSpec(
+      heads=HeadsConfig(num_heads=2), tree=tree_lib.resolve("chain:2"), acceptance="sample"))

@@ -1,9 +1,9 @@
 """Tests of training (medusa_jax/trainer.py, loss.py, checkpoint.py) on the 2-layer 'random-tiny' model.
 
-One uninterrupted Medusa-1 run (``run_a``: ``configs/smollm2_medusa1.py:tiny`` on 64 ShareGPT
-conversations, a 256-token draft vocabulary, metrics every step) is shared by the tests of the loss
-going down, the export and its loading in the benchmark, the draft vocabulary and the checkpoint
-errors; a second run of the same config is killed and resumed and must reproduce it exactly. The
+One uninterrupted Medusa-1 run (``run_a``, in conftest.py: ``configs/smollm2_medusa1.py:tiny`` on
+64 ShareGPT conversations, a 256-token draft vocabulary, metrics every step) is shared by the tests
+of the loss going down, the export and its loading in the benchmark, the draft vocabulary and the
+checkpoint errors; a second run of the same config is killed and resumed and must reproduce it exactly. The
 loss definition is pinned by a NumPy computation of one step; Medusa-1's frozen backbone by the
 trainer's own partition / step / merge functions, Medusa-2's heads-only stage by the backbone in
 the checkpoints of a short (killed and resumed) Medusa-2 run.
@@ -13,11 +13,9 @@ Run time: about a minute of CPU on 2 cores (most of it XLA compiling the steps a
 
 import functools
 import glob
-import importlib.util
 import json
 import os
 import shutil
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -34,82 +32,16 @@ from medusa_jax import model as model_lib
 from medusa_jax import runtime
 from medusa_jax import trainer
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-STEPS = 12        # of the shared run
+# The shared tiny run and its helpers (conftest.py): tests/test_faults.py interrupts the same run.
+from conftest import DRAFT_VOCAB, TRAIN_STEPS, load_config, tb_scalars, train_config, without_timing
+
 KILL_AFTER = 6    # the killed run stops here; its newest checkpoint is step 4 (checkpoint_every=4)
-DRAFT_VOCAB = 256
-
-
-def _get_config(name: str, variant: str | None = "tiny"):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
-
-
-def _config(data_dir: str, name: str = "smollm2_medusa1", **train):
-  """A tiny config on 64 ShareGPT conversations (a fifth held out, so evaluation has batches)."""
-  c = _get_config(name)
-  c.data.source = "sharegpt"
-  c.data.max_examples = 64
-  c.data.heldout_fraction = 0.2
-  c.data.data_dir = data_dir
-  c.heads.draft_vocab = DRAFT_VOCAB
-  c.train.update(dict(steps=STEPS, lr=0.1, log_every=1, eval_every=1, eval_batches=1, checkpoint_every=4,
-                      keep_checkpoints=3))
-  c.train.update(train)
-  return c
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  """The ShareGPT dataset of ``_config``, built once (training reuses it: same name and settings)."""
-  path = str(tmp_path_factory.mktemp("train_data"))
-  c = _config(path)
-  _, _, tok = convert.load_model(c.model)
-  data_lib.prepare_sharegpt(path, tok, max_len=c.data.max_len, max_examples=c.data.max_examples,
-                            heldout_fraction=c.data.heldout_fraction, name=trainer.dataset_name(c))
-  return path
-
-
-def _scalars(workdir: str) -> list[dict]:
-  """TensorBoard scalars {(tag, step): value}, one dict per event file, oldest run first.
-
-  TensorBoard itself is not installed: the files are TFRecords (u64 length, u32 crc, an ``Event``
-  proto, u32 crc) of tensorboardX's own protos.
-  """
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  runs = []
-  for path in glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")):
-    with open(path, "rb") as f:
-      buf = f.read()
-    i, events = 0, []
-    while i < len(buf):
-      (n,) = struct.unpack("<Q", buf[i:i + 8])
-      events.append(event_pb2.Event.FromString(buf[i + 12:i + 12 + n]))
-      i += 12 + n + 4
-    runs.append((events[0].wall_time, {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value}))
-  return [s for _, s in sorted(runs, key=lambda r: r[0])]
-
-
-def _without_timing(scalars: dict) -> dict:
-  return {k: v for k, v in scalars.items() if k[0] != "train/steps_per_s"}
-
-
-@pytest.fixture(scope="module")
-def run_a(data_dir, tmp_path_factory):
-  """The shared uninterrupted Medusa-1 run: (config, workdir, return value, TensorBoard scalars)."""
-  c = _config(data_dir)
-  workdir = str(tmp_path_factory.mktemp("run_a"))
-  out = trainer.train_and_evaluate(c, workdir)
-  (scalars,) = _scalars(workdir)
-  return c, workdir, out, scalars
 
 
 @pytest.fixture(scope="module")
 def killed_run(data_dir, tmp_path_factory):
   """The same command killed after KILL_AFTER steps: (workdir, an untouched copy of it)."""
-  c = _config(data_dir)
+  c = train_config(data_dir)
   workdir = str(tmp_path_factory.mktemp("run_b") / "wd")
   out = trainer.train_and_evaluate(c, workdir, stop_after=KILL_AFTER)
   assert out["step"] == KILL_AFTER
@@ -141,15 +73,19 @@ def _np_heads_ce(hcfg, cfg, base, medusa, hidden, batch, m):
 
 
 def _np_ce(logits_BxLxV, ids_V, batch, shift):
-  """Mean CE (and top-1) over positions t whose target t+shift is an assistant token of t's segment
-  and, for a draft vocabulary ``ids_V``, one of its tokens."""
+  """Mean CE over positions t whose target t+shift is an assistant token of t's segment and, for a
+  draft vocabulary ``ids_V``, one of its tokens; top-1 over all those targets, one outside the draft
+  vocabulary counted as a miss (no head can propose it)."""
   tok, mask, seg = (np.asarray(batch[k]) for k in ("tokens", "loss_mask", "segment_ids"))
   where = {int(v): i for i, v in enumerate(ids_V)}
   ces, hits = [], []
   for bi in range(tok.shape[0]):
     for t in range(tok.shape[1] - shift):
       tgt = int(tok[bi, t + shift])
-      if not (mask[bi, t + shift] and seg[bi, t] > 0 and seg[bi, t + shift] == seg[bi, t] and tgt in where):
+      if not (mask[bi, t + shift] and seg[bi, t] > 0 and seg[bi, t + shift] == seg[bi, t]):
+        continue
+      if tgt not in where:
+        hits.append(False)
         continue
       row = logits_BxLxV[bi, t]
       mx = row.max()
@@ -183,7 +119,7 @@ def test_one_step_metrics_match_numpy(recipe):
   own LM projections and a draft vocabulary; the backbone stays frozen there only to keep the step
   cheap to compile (what trains does not change the loss).
   """
-  c = _get_config("smollm2_medusa1")
+  c = load_config("smollm2_medusa1")
   c.heads.update(dict(num_heads=3, num_layers=2, draft_vocab=0))
   if recipe == "next_token_input":
     c.heads.update(dict(next_token_input=True, draft_vocab=512))
@@ -233,10 +169,10 @@ def test_one_step_metrics_match_numpy(recipe):
 
 def test_tiny_run_lowers_the_heads_loss(run_a):
   _, _, out, scalars = run_a
-  assert out["step"] == STEPS
-  assert sorted(s for t, s in scalars if t == "train/loss") == list(range(1, STEPS + 1))
+  assert out["step"] == TRAIN_STEPS
+  assert sorted(s for t, s in scalars if t == "train/loss") == list(range(1, TRAIN_STEPS + 1))
   # Held-out loss, on the same batch at every step: after the first step vs at the end.
-  first, last = scalars[("eval/heads_loss", 1)], scalars[("eval/heads_loss", STEPS)]
+  first, last = scalars[("eval/heads_loss", 1)], scalars[("eval/heads_loss", TRAIN_STEPS)]
   assert last < first - 0.3, (first, last)
   assert out["eval"]["heads_loss"] == pytest.approx(last, rel=1e-6)
 
@@ -251,7 +187,7 @@ def _same(a, b) -> bool:
 
 def test_medusa1_leaves_the_backbone_bit_identical(data_dir, run_a):
   """The trainer's own labels -> partition -> train_step x 3 -> merge on a batch of the data."""
-  c = _config(data_dir)
+  c = train_config(data_dir)
   cfg, base, _ = convert.load_model(c.model)
   hcfg = config_lib.heads_config(c)
   base = jax.tree.map(jnp.asarray, base)
@@ -283,7 +219,7 @@ def test_medusa2_trains_the_backbone_after_the_heads_only_stage(data_dir, run_a,
   """Medusa-2 through train_and_evaluate, killed and resumed (its optimizer state has one masked
   state per group). Its checkpoints hold the backbone: unchanged through the heads-only stage,
   trained after it; the export holds the trained backbone, and decoding loads it from there."""
-  c = _config(data_dir, "smollm2_medusa2", steps=5, eval_every=0, checkpoint_every=1, keep_checkpoints=10)
+  c = train_config(data_dir, "smollm2_medusa2", steps=5, eval_every=0, checkpoint_every=1, keep_checkpoints=10)
   heads_only = c.train.heads_only_steps
   assert heads_only == 2
   workdir = str(tmp_path / "wd")
@@ -319,17 +255,17 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(data_dir, run_a
   workdir, _ = killed_run
   assert not os.path.exists(os.path.join(workdir, "export"))
   assert max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == 4
-  out = trainer.train_and_evaluate(_config(data_dir), workdir)  # the same command again
-  assert out["step"] == STEPS
-  killed, resumed = _scalars(workdir)
-  expected = _without_timing(scalars_a)
+  out = trainer.train_and_evaluate(train_config(data_dir), workdir)  # the same command again
+  assert out["step"] == TRAIN_STEPS
+  killed, resumed = tb_scalars(workdir)
+  expected = without_timing(scalars_a)
   # Steps 1-6 before the kill, 5-12 after resuming from the step-4 checkpoint: every logged
   # metric (train and eval) equal to the uninterrupted run's, bit for bit (same data, same XLA program).
   assert sorted({s for _, s in killed}) == list(range(1, KILL_AFTER + 1))
-  assert sorted({s for _, s in resumed}) == list(range(5, STEPS + 1))
-  assert _without_timing(killed) == {k: expected[k] for k in _without_timing(killed)}
-  assert _without_timing(resumed) == {k: expected[k] for k in _without_timing(resumed)}
-  assert _without_timing({**killed, **resumed}) == expected
+  assert sorted({s for _, s in resumed}) == list(range(5, TRAIN_STEPS + 1))
+  assert without_timing(killed) == {k: expected[k] for k in without_timing(killed)}
+  assert without_timing(resumed) == {k: expected[k] for k in without_timing(resumed)}
+  assert without_timing({**killed, **resumed}) == expected
   assert out["eval"] == out_a["eval"]
   cfg, base, _ = convert.load_model(c.model)
   pa, _ = ckpt_lib.load_export(os.path.join(workdir_a, "export"), cfg, base)
@@ -417,7 +353,7 @@ def test_partial_checkpoint_is_a_clear_error_on_resume(data_dir, killed_run, tmp
   else:
     os.remove(os.path.join(newest, "data", "metadata"))
   with pytest.raises(ckpt_lib.CheckpointError, match=r"(?s)Checkpoint step 4 in .* cannot be restored.*partial"):
-    trainer.train_and_evaluate(_config(data_dir), workdir)
+    trainer.train_and_evaluate(train_config(data_dir), workdir)
 
 
 def test_workdir_of_another_trainable_config_is_refused(data_dir, run_a, tmp_path):
@@ -425,4 +361,4 @@ def test_workdir_of_another_trainable_config_is_refused(data_dir, run_a, tmp_pat
   shutil.copytree(run_a[1], workdir)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"trained .*medusa/\.\*.*; this config trains .*backbone.*"
                                                     r"fresh --workdir"):
-    trainer.train_and_evaluate(_config(data_dir, "smollm2_medusa2"), workdir)
+    trainer.train_and_evaluate(train_config(data_dir, "smollm2_medusa2"), workdir)

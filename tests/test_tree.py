@@ -1,6 +1,7 @@
 """Tests of the static tree buffers (medusa_jax/tree.py): NumPy only, fast."""
 
 import collections
+import hashlib
 import json
 
 import numpy as np
@@ -21,7 +22,7 @@ def _ancestors_from_paths(buf):
   return anc
 
 
-# ----- worked example (DESIGN.md) ---------------------------------------------------------------
+# ----- worked example: the 8-path tree with top-k 10, buffers computed by hand ------------------
 
 
 def test_worked_example_flat_topk():
@@ -76,8 +77,12 @@ def test_mc_sim_7b_63():
   assert counts == {1: 10, 2: 28, 3: 23, 4: 2}
   assert buf.num_paths == 42 and buf.paths.shape == (42, 5)
   assert buf.topk == (10, 10, 10, 2)
-  with open("/work/shared/data/medusa_trees.json") as fh:
-    assert tree.named_choices("mc_sim_7b_63") == json.load(fh)["mc_sim_7b_63"]
+  # The release's list, unchanged and in its own order: the SHA-256 of its JSON (json.dumps of the
+  # list of 63 paths) as taken from FasterDecoding/Medusa's medusa_choices.py.
+  choices = tree.named_choices("mc_sim_7b_63")
+  assert choices[:4] == [[0], [0, 0], [1], [0, 1]]
+  assert hashlib.sha256(json.dumps(choices).encode()).hexdigest() == (
+      "35c38d3c9cde7957c18de9f5cca50aa9fd3b3947479a0f171412e87b7c3ad3d6")
   assert "mc_sim_7b_63" in tree.packaged_names()
 
 
@@ -245,6 +250,31 @@ def test_grow_tree_builds_and_is_greedy_optimal_prefix():
   for n in (2, 5, 17):
     tree.build(choices[:n - 1])
   assert tree.grow_tree(acc, num_nodes=17)[0] == choices[:16]
+
+
+def _prefix_closed_trees(universe, size):
+  """Every set of ``size`` paths from ``universe`` that contains each of its paths' prefixes."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  for combo in itertools.combinations(universe, size):
+    chosen = set(combo)
+    if all(p[:-1] in chosen or len(p) == 1 for p in chosen):
+      yield chosen
+
+
+def test_grow_tree_is_optimal_by_brute_force():
+  """With ranks sorted by accuracy (as a head's top-k are), the greedy tree of every size has the
+  largest expected length of all trees of that size: checked against every prefix-closed tree
+  over 2 heads x 3 ranks (12 possible nodes)."""
+  rng = np.random.default_rng(3)
+  for trial in range(3):
+    acc = np.sort(rng.uniform(0, 0.7, size=(2, 3)), axis=1)[:, ::-1]
+    universe = [(a,) for a in range(3)] + [(a, b) for a in range(3) for b in range(3)]
+    value = lambda p: float(np.prod([acc[i, r] for i, r in enumerate(p)]))
+    for n in range(2, 9):
+      choices, lengths = tree.grow_tree(acc, num_nodes=n)
+      best = max(sum(value(p) for p in t) for t in _prefix_closed_trees(universe, n - 1))
+      assert lengths[-1] == pytest.approx(1 + best), (trial, n)
+      assert 1 + sum(value(tuple(p)) for p in choices) == pytest.approx(lengths[-1])
 
 
 @pytest.mark.parametrize("acc, n, match", [

@@ -1,0 +1,185 @@
+"""Where one decode step's time goes on this machine: in-situ ablations of the real jitted step.
+
+  .venv/bin/python experiments/profile_step.py --config configs/smollm2_medusa1.py \
+      --checkpoint runs/smollm2_medusa1/export --trees "chain:3,[[0],[0,0],[1],[0,0,0],[2],[0,1],[1,0]]"
+
+Each row times the step the decoders run (vanilla, and a Medusa step per tree) with one kind of
+work replaced by a near-free stand-in of the same shape, so its cost is the drop in step time:
+the weight projections (the CPU kernel or XLA's dot), attention over the cache, the cache writes,
+the norms / RoPE / SiLU, the heads' draft, and (Medusa) acceptance, commit and emission. What is
+left after all of them is the cost of everything else in the program (XLA's op boundaries, copies,
+the rest of the loop state). Steps alternate within each round so that machine noise hits all
+alike; medians of ``--runs`` rounds. Prints one table (ms) and writes JSON with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+
+from medusa_jax import cpu_kernels, decode, hardware, medusa, model, runtime  # pylint: disable=wrong-import-position
+from medusa_jax import tree as tree_lib  # pylint: disable=wrong-import-position
+
+
+def _cheap(x, out_features):
+  """A stand-in for x @ W of the right shape that reads no weight."""
+  return jnp.broadcast_to(x[..., :1], x.shape[:-1] + (out_features,)) * 1e-3
+
+
+@contextlib.contextmanager
+def ablate(name: str):
+  """Replaces one kind of work inside ``model`` / ``medusa`` while the step is traced."""
+  saved = []
+
+  def patch(obj, attr, fn):
+    saved.append((obj, attr, getattr(obj, attr)))
+    setattr(obj, attr, fn)
+
+  if name == "projections":
+    patch(cpu_kernels, "matmul", lambda x, packed, n: _cheap(x, n))
+    real_einsum = jnp.einsum
+
+    def einsum(eq, a, b, **kw):  # weight einsums: the second operand has no batch axis
+      if eq in ("bld,dhe->blhe", "bld,dke->blke"):
+        return jnp.broadcast_to(a[..., :1, None], a.shape[:2] + b.shape[1:]) * 1e-3
+      if eq in ("bld,df->blf", "blf,fd->bld", "bld,dv->blv"):
+        return _cheap(a, b.shape[-1])
+      if eq == "vd,bld->vbl":
+        return jnp.broadcast_to(b[..., 0][None], (a.shape[0],) + b.shape[:2]) * 1e-3
+      return real_einsum(eq, a, b, **kw)
+
+    patch(model.jnp, "einsum", einsum)
+    patch(model.jnp, "dot", lambda a, b, **kw: _cheap(a, b.shape[-1]))
+  elif name == "attention":
+    patch(model, "_attention", lambda cfg, q, k, v, mask: q)
+  elif name == "cache writes":
+    patch(model, "write_cache_rows", lambda cache, new, index: cache)
+  elif name == "norms, RoPE, SiLU":
+    patch(model, "rms_norm", lambda x, w, eps: x)
+    patch(model, "apply_rope", lambda x, positions, inv_freq: x)
+    patch(model.jax.nn, "silu", lambda x: x)
+  elif name == "heads draft":
+    patch(medusa, "draft", lambda spec, cfg, dp, state: jnp.broadcast_to(
+        state.last_B[:, None], (state.last_B.shape[0], spec.tree.num_nodes)))
+  elif name == "accept, commit, emit":
+    patch(medusa, "accept_greedy", lambda spec, cfg, dp, tokens, hidden: medusa.Accepted(
+        jnp.zeros_like(tokens[:, 0]), jnp.zeros_like(tokens[:, 0]), jnp.zeros_like(tokens[:, 0]), tokens[:, 0]))
+    patch(medusa, "commit", lambda spec, cache, acc, live: model.advance(cache, live.astype(jnp.int32)))
+  elif name != "none":
+    raise ValueError(name)
+  try:
+    yield
+  finally:
+    for obj, attr, fn in reversed(saved):
+      setattr(obj, attr, fn)
+
+
+ABLATIONS = ("none", "projections", "attention", "cache writes", "norms, RoPE, SiLU", "heads draft",
+             "accept, commit, emit")
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--config", default="configs/smollm2_medusa1.py")
+  ap.add_argument("--checkpoint", default=None, help="a training export (heads); random heads without one")
+  ap.add_argument("--trees", default="chain:3,[[0],[0,0],[1],[0,0,0],[2],[0,1],[1,0]]",
+                  help="comma-separated Medusa trees (chain:N, dense:k,d, a JSON file or a JSON list)")
+  ap.add_argument("--prompt_tokens", type=int, default=96, help="prompt length: the cache the attention reads")
+  ap.add_argument("--max_new_tokens", type=int, default=128)
+  ap.add_argument("--runs", type=int, default=15)
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+  fv(["prog", f"--config={args.config}"])
+  config = holder.value
+  loaded = runtime.load(config, heads=None if args.checkpoint else "random", checkpoint=args.checkpoint)
+  cfg, hcfg = loaded.cfg, loaded.heads
+  trees = []
+  for spec in _split_trees(args.trees):
+    trees.append(tree_lib.resolve(json.loads(spec) if spec.startswith("[") else spec, num_heads=hcfg.num_heads))
+  sampling = decode.Sampling(max_new_tokens=args.max_new_tokens)
+  prompt = [int(t) % cfg.vocab_size for t in range(7, 7 + args.prompt_tokens)]
+  modes = [("vanilla", None)] + [(f"medusa {t.num_nodes} nodes", medusa.MedusaSpec(heads=hcfg, tree=t)) for t in trees]
+
+  shared = loaded.params
+  programs = {}
+  for ab in ABLATIONS:
+    for label, spec in modes:
+      if spec is None and ab in ("heads draft", "accept, commit, emit"):
+        continue
+      dec = medusa.make_decoder(cfg, sampling, spec)
+      dp = shared = dec.prepare(shared)
+      state = dec.start(dp, [prompt])
+      with ablate(ab):
+        step = jax.jit(dec.step, donate_argnums=(1,))
+        state = jax.block_until_ready(step(dp, state))  # traced and compiled under the ablation
+      programs[ab, label] = [step, dp, state]
+  times = {k: [] for k in programs}
+  for _ in range(args.runs):
+    for k, prog in programs.items():
+      step, dp, state = prog
+      t = time.perf_counter()
+      prog[2] = jax.block_until_ready(step(dp, state))
+      times[k].append(time.perf_counter() - t)
+  ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+  labels = [label for label, _ in modes]
+  print(f"{'component (ms)':<24}" + "".join(f"{l:>18}" for l in labels))
+  full = {l: ms["none", l] for l in labels}
+  print(f"{'whole step':<24}" + "".join(f"{full[l]:>18.2f}" for l in labels))
+  rest = dict(full)
+  for ab in ABLATIONS[1:]:
+    row = []
+    for l in labels:
+      if (ab, l) in ms:
+        cost = full[l] - ms[ab, l]
+        rest[l] -= cost
+        row.append(f"{cost:>18.2f}")
+      else:
+        row.append(f"{'-':>18}")
+    print(f"{ab:<24}" + "".join(row))
+  print(f"{'everything else':<24}" + "".join(f"{rest[l]:>18.2f}" for l in labels))
+  print(f"kernel: {'on, <= %d rows' % cpu_kernels.max_rows() if shared.packed is not None else 'off'}; "
+        f"prompt {args.prompt_tokens} tokens, cache {model.cache_capacity(programs['none', 'vanilla'][2].cache)} rows; "
+        f"{hardware.describe()}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"ms": {f"{a}|{l}": v for (a, l), v in ms.items()}, "hardware": hardware.info(),
+                 "trees": [t.choices for t in trees]}, f, indent=1)
+
+
+def _split_trees(text: str) -> list[str]:
+  """Splits on commas outside brackets and after a name's own arguments (dense:2,2 stays whole)."""
+  out, depth, cur = [], 0, ""
+  for ch in text:
+    depth += ch == "["
+    depth -= ch == "]"
+    if ch == "," and depth == 0 and not cur.startswith("dense:"):
+      out.append(cur)
+      cur = ""
+    elif ch == "," and depth == 0 and cur.startswith("dense:") and cur.count(",") >= 1:
+      out.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  if cur:
+    out.append(cur)
+  return out
+
+
+if __name__ == "__main__":
+  main()
