@@ -29,6 +29,8 @@ def get_config(arg=None):
   # --config.heads.next_token_input=False trains the paper's heads.
   c.heads.next_token_input = True
   c.train.remat_heads = False
+  # The frozen backbone's hidden states computed once, not every step: over half of a step on a CPU.
+  c.train.cache_hidden = True
   c.decode.mode = "medusa"
   c.decode.tree = "chain:4"
   c.data.source = "distilled"

@@ -4,9 +4,12 @@
   python -m medusa_jax.train --config configs/smollm2_medusa2.py --workdir runs/smollm2_medusa2
 
 The recipe (the Medusa paper's Medusa-2): loss = L_LM + lambda0 * sum_k 0.8^k L_k; on self-distilled data L_LM is
-KL(original backbone || trained backbone) and lambda0 is small and sine-ramped; the heads' learning
-rate is 4x the backbone's; a heads-only stage comes first. The released recipe trains the backbone
-through LoRA; for a 135M model we train it fully. Variants: ``:tiny``.
+KL(original backbone || trained backbone) and lambda0 is small and sine-ramped from the joint
+stage's first step; the heads' learning rate is 4x the backbone's; a heads-only stage comes first
+(the backbone's optimizer state begins with the joint stage). The backbone trains through LoRA
+adapters (rank 32, alpha 16, every attention and MLP matrix), as in the released recipe; the
+export merges them into the backbone. Variants: ``:tiny``, ``:full_backbone`` (every backbone
+weight trains instead of adapters), combinable (``configs/smollm2_medusa2.py:tiny,full_backbone``).
 """
 
 from medusa_jax import config as config_lib
@@ -19,7 +22,11 @@ def _medusa1():
 def get_config(arg=None):
   c = _medusa1().get_config()
   # Medusa-2 differs from Medusa-1 only here.
-  c.train.trainable = (("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("base/.*", "backbone"))
+  c.train.trainable = (("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("lora/.*", "backbone"),
+                       ("base/.*", None))
+  c.train.lora.rank = 32
+  c.train.lora.alpha = 16.0
+  c.train.cache_hidden = False  # the backbone trains: its hidden states change every step
   c.train.group_lr_mult = (("heads", 1.0), ("backbone", 0.25))  # 2e-3 vs 5e-4 in the paper: 4x
   c.train.lr = 2e-3
   c.train.heads_only_steps = 150
@@ -32,4 +39,10 @@ def get_config(arg=None):
   return config_lib.apply_variants(c, arg, VARIANTS, "configs/smollm2_medusa2.py")
 
 
-VARIANTS = {"tiny": config_lib.tiny}
+def full_backbone(c):
+  """Every backbone weight trains (no adapters): the paper's own text, not its released recipe."""
+  c.train.trainable = (("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("base/.*", "backbone"))
+  c.train.lora.rank = 0
+
+
+VARIANTS = {"tiny": config_lib.tiny, "full_backbone": full_backbone}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: the whole Medusa-1 pipeline on the embedded default (SmolLM2-135M-Instruct + ShareGPT),
-# about 40 minutes on a 2-core CPU. Each step resumes or reuses its output when run again.
+# `make demo`: the whole Medusa-1 pipeline on the embedded default (SmolLM2-135M-Instruct + ShareGPT):
+# self-distil -> train heads -> calibrate a tree -> benchmark on MT-Bench and on held-out ShareGPT.
+# Each step resumes or reuses its output when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -10,10 +11,28 @@ mkdir -p "$WORK"
 SECONDS=0
 elapsed() { printf '   (%dm%02ds since the start)\n' $((SECONDS / 60)) $((SECONDS % 60)); }
 
-echo "== 1/5 self-distillation: SmolLM2 answers ShareGPT prompts (train split only)"
-$PY -m medusa_jax.distill --config "$CONFIG"
+# The time left is estimated from this machine's distillation rate against a reference run of this
+# script (experiments/demo_reference.txt: its distillation rate and how long the stages after it took).
+estimate() {
+  local rate
+  rate=$(grep -o '[0-9.]* tok/s; dataset' "$WORK/distill.log" | tail -1 | cut -d' ' -f1 || true)
+  if [ -z "$rate" ]; then
+    echo "   (distillation reused its replies: no rate to estimate the time left from)"
+    return
+  fi
+  [ -f experiments/demo_reference.txt ] || return 0
+  # shellcheck disable=SC1091
+  . experiments/demo_reference.txt
+  awk -v r="$rate" -v r0="$REF_DISTILL_TOK_S" -v t0="$REF_REST_S" -v cpu="$REF_CPU" 'BEGIN {
+    printf "   estimated time left: ~%d min (distillation here %.0f tok/s; the reference run on %s: %.0f tok/s, the rest %d min)\n",
+      t0 * r0 / r / 60 + 0.5, r, cpu, r0, t0 / 60 + 0.5 }'
+}
 
+echo "== 1/5 self-distillation: SmolLM2 answers ShareGPT prompts (train split only)"
+$PY -m medusa_jax.distill --config "$CONFIG" 2>&1 | tee "$WORK/distill.log"
 elapsed
+estimate
+
 echo "== 2/5 Medusa-1 training (frozen backbone) -> $WORK"
 $PY -m medusa_jax.train --config "$CONFIG" --workdir "$WORK"
 
@@ -34,4 +53,4 @@ $PY -m medusa_jax.benchmark --config "$CONFIG" --checkpoint "$WORK/export" --tre
     --modes vanilla,medusa --prompts sharegpt_heldout --num_prompts 10 --max_new_tokens 128 \
     --out "$WORK/results_heldout.json"
 elapsed
-echo "== done: results in $WORK (results_*.json, tree.json/png, TensorBoard logs)"
+echo "== done: results in $WORK (results_*.json, tree.json/png, TensorBoard logs: tensorboard --logdir $WORK/tb)"

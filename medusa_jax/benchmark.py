@@ -53,70 +53,112 @@ def top2_gap(cfg, params, prompt, generated, position) -> float:
   return float(top[1] - top[0])
 
 
-def run(config, prompts: list[dict], modes: list[str], loaded: runtime.Loaded, batch_size: int = 1) -> dict:
+def shared_prefix(a: list[int], b: list[int]) -> int:
+  """How many tokens two outputs share before they first differ."""
+  return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def backbone_drift(config, loaded: runtime.Loaded, token_lists, tuned_outputs: list[list[int]]) -> dict:
+  """Greedy decoding with the original backbone (``config.model``) on the same prompts, against the
+  tuned backbone's (Medusa-2): tokens shared before the first divergence, and how many outputs are
+  identical. Quality kept means these stay high."""
+  from medusa_jax import convert  # pylint: disable=g-import-not-at-top
+  _, original, _ = convert.load_model(config.model, **config_lib.model_overrides(config))
+  dec = decode.Decoder(loaded.cfg, config_lib.sampling(config))
+  dp = dec.prepare({"base": jax.tree.map(jnp.asarray, original)})
+  outs = [dec.generate(dp, [t])[0][0] for t in token_lists]
+  shared = [shared_prefix(a, b) for a, b in zip(outs, tuned_outputs)]
+  return {"shared_prefix_tokens": shared, "mean_shared_prefix_tokens": float(np.mean(shared)),
+          "mean_tokens": float(np.mean([len(o) for o in tuned_outputs])),
+          "identical_fraction": float(np.mean([a == b for a, b in zip(outs, tuned_outputs)]))}
+
+
+def compare_outputs(cfg, params, token_lists, ref_rows, rows) -> tuple[float, list[dict]]:
+  """(fraction of prompts whose output equals the reference's, where and how the others differ:
+  the first differing position and the reference's top-2 logit gap there)."""
+  divergences = []
+  for i, (rv, rm) in enumerate(zip(ref_rows, rows)):
+    if rv["tokens"] != rm["tokens"]:
+      pos = shared_prefix(rv["tokens"], rm["tokens"])
+      divergences.append({"question_id": rv["question_id"], "position": pos,
+                          "vanilla_top2_gap": top2_gap(cfg, params, token_lists[i], rv["tokens"], pos)})
+  return 1 - len(divergences) / max(len(ref_rows), 1), divergences
+
+
+def summarize(rows: list[dict]) -> dict:
+  """One decoder's figures over its per-prompt rows (Medusa paper §7.1's definitions)."""
+  tokens = sum(len(r["tokens"]) for r in rows)
+  dec_tokens = sum(max(len(r["tokens"]) - 1, 0) for r in rows)
+  steps = sum(r["steps"] for r in rows)  # per sequence: a batch's steps count for each of its rows
+  dec_s = sum(r["decode_seconds"] for r in rows)
+  return {"tok_per_s": dec_tokens / dec_s, "tokens": tokens, "steps": steps, "decode_seconds": dec_s,
+          "prefill_seconds": sum(r["prefill_seconds"] for r in rows),
+          "acceleration_rate": dec_tokens / max(steps, 1), "step_seconds": dec_s / max(steps, 1),
+          "per_prompt": [{k: r[k] for k in ("question_id", "tokens", "steps", "decode_seconds")} for r in rows]}
+
+
+def measure(entries: dict, token_lists: list[list[int]], question_ids: list, *, cfg, sampling, rng,
+            batch_size: int = 1, progress: str | None = "benchmark") -> dict:
+  """Decodes every prompt with every entry ``{name: (decoder, DecodeParams)}``, timed.
+
+  Every (entry, batch shape) is compiled and run once first; then the entries take turns prompt
+  group by prompt group, so machine noise hits them alike. Returns ``{name: [per-prompt rows]}``.
+  """
+  groups = [list(range(i, min(i + batch_size, len(token_lists)))) for i in range(0, len(token_lists), batch_size)]
+  # Each decoder plans its cache with its own step size (a tree writes more rows per step), so
+  # each keeps its own set of shapes.
+  warmed = set()
+  for g in groups:
+    batch = [token_lists[i] for i in g]
+    for name, (d, dp) in entries.items():
+      key = (name, len(g)) + decode.plan_cache(cfg, [len(t) for t in batch], sampling.max_new_tokens, d.room)
+      if key not in warmed:
+        warmed.add(key)
+        d.generate(dp, batch, rng)
+  per = {name: [] for name in entries}
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  for g in tqdm(groups, desc=progress, unit="batch", disable=progress is None):
+    batch = [token_lists[i] for i in g]
+    for name, (d, dp) in entries.items():
+      state, t_pre = _time(d.start, dp, batch, rng)
+      state, t_dec = _time(d.finish, dp, state)
+      outs = decode.outputs(state)
+      for j, i in enumerate(g):
+        per[name].append({"question_id": question_ids[i], "tokens": outs[j], "steps": int(state.steps),
+                          "decode_seconds": t_dec / len(g), "prefill_seconds": t_pre / len(g)})
+  return per
+
+
+def run(config, prompts: list[dict], modes: list[str], loaded: runtime.Loaded, batch_size: int = 1,
+        compare_original: bool = False) -> dict:
+  """Times the modes on the prompts (see the module docstring); ``compare_original`` also decodes
+  with the original backbone to measure how far a tuned one (Medusa-2) drifted."""
   sampling = config_lib.sampling(config)
-  decoders, dparams = {}, {}
+  entries = {}
+  shared = loaded.params
   for mode in modes:
     if mode not in ("vanilla", "medusa"):
       raise ValueError(f"Unknown mode {mode!r}: use vanilla and/or medusa.")
     spec = config_lib.medusa_spec(config, loaded.heads) if mode == "medusa" else None
-    decoders[mode] = medusa.make_decoder(loaded.cfg, sampling, spec)
+    d = medusa.make_decoder(loaded.cfg, sampling, spec)
     # Prepared once; the modes share one packed copy of the backbone for the CPU kernel.
-    dparams[mode] = decoders[mode].prepare(next(iter(dparams.values()), loaded.params))
+    entries[mode] = (d, d.prepare(shared))
+    shared = entries[mode][1]
   token_lists = [runtime.chat_prompt(loaded.tokenizer, p["text"]) for p in prompts]
-  groups = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
-  rng = jax.random.PRNGKey(config.seed)
-
-  # Compile and warm up every shape the timed runs will use: each decoder plans its cache with its
-  # own step size (a Medusa tree writes more rows per step), so each keeps its own set of shapes.
-  warmed = set()
-  for g in groups:
-    batch = [token_lists[i] for i in g]
-    for mode, d in decoders.items():
-      key = (mode, len(g)) + decode.plan_cache(loaded.cfg, [len(t) for t in batch], sampling.max_new_tokens, d.room)
-      if key not in warmed:
-        warmed.add(key)
-        d.generate(dparams[mode], batch, rng)
-
-  per = {m: [] for m in modes}
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  for g in tqdm(groups, desc="benchmark", unit="batch"):
-    batch = [token_lists[i] for i in g]
-    for mode, d in decoders.items():
-      state, t_pre = _time(d.start, dparams[mode], batch, rng)
-      state, t_dec = _time(d.finish, dparams[mode], state)
-      outs = decode.outputs(state)
-      for j, i in enumerate(g):
-        per[mode].append({"question_id": prompts[i]["question_id"], "tokens": outs[j],
-                          "steps": int(state.steps), "decode_seconds": t_dec / len(g),
-                          "prefill_seconds": t_pre / len(g)})
-
-  results = {"modes": {}, "hardware": hardware.info(), "config": json.loads(config.to_json_best_effort()),
-             "num_prompts": len(prompts), "batch_size": batch_size}
-  for mode, rows in per.items():
-    tokens = sum(len(r["tokens"]) for r in rows)
-    dec_tokens = sum(max(len(r["tokens"]) - 1, 0) for r in rows)
-    steps = sum(r["steps"] for r in rows)  # per sequence: a batch's steps count for each of its rows
-    dec_s = sum(r["decode_seconds"] for r in rows)
-    results["modes"][mode] = {
-        "tok_per_s": dec_tokens / dec_s, "tokens": tokens, "steps": steps,
-        "decode_seconds": dec_s, "prefill_seconds": sum(r["prefill_seconds"] for r in rows),
-        "acceleration_rate": dec_tokens / max(steps, 1), "step_seconds": dec_s / max(steps, 1),
-        "per_prompt": [{k: r[k] for k in ("question_id", "tokens", "steps", "decode_seconds")} for r in rows],
-    }
+  per = measure(entries, token_lists, [p["question_id"] for p in prompts], cfg=loaded.cfg, sampling=sampling,
+                rng=jax.random.PRNGKey(config.seed), batch_size=batch_size)
+  results = {"modes": {mode: summarize(rows) for mode, rows in per.items()}, "hardware": hardware.info(),
+             "config": json.loads(config.to_json_best_effort()), "num_prompts": len(prompts),
+             "batch_size": batch_size}
   if "medusa" in per and "vanilla" in per:
     van, med = results["modes"]["vanilla"], results["modes"]["medusa"]
     med["overhead"] = med["step_seconds"] / van["step_seconds"]
     med["speedup"] = med["tok_per_s"] / van["tok_per_s"]
-    divergences = []
-    for i, (rv, rm) in enumerate(zip(per["vanilla"], per["medusa"])):
-      a, b = rv["tokens"], rm["tokens"]
-      if a != b:
-        pos = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        gap = top2_gap(loaded.cfg, loaded.params, token_lists[i], a, pos)
-        divergences.append({"question_id": rv["question_id"], "position": pos, "vanilla_top2_gap": gap})
-    med["identical_fraction"] = 1 - len(divergences) / len(per["vanilla"])
-    med["divergences"] = divergences
+    med["identical_fraction"], med["divergences"] = compare_outputs(loaded.cfg, loaded.params, token_lists,
+                                                                    per["vanilla"], per["medusa"])
+  if compare_original:
+    tuned = per["vanilla"] if "vanilla" in per else per["medusa"]
+    results["backbone_drift"] = backbone_drift(config, loaded, token_lists, [r["tokens"] for r in tuned])
   return results
 
 
@@ -132,7 +174,17 @@ def print_table(results: dict) -> None:
   for d in results["modes"].get("medusa", {}).get("divergences", []):
     print(f"  question {d['question_id']}: first differs at token {d['position']}, "
           f"vanilla top-2 logit gap there {d['vanilla_top2_gap']:.2e}")
+  drift = results.get("backbone_drift")
+  if drift:
+    print(f"  the tuned backbone vs the original, greedy: {drift['mean_shared_prefix_tokens']:.1f} of "
+          f"{drift['mean_tokens']:.1f} tokens shared before the first difference on average; "
+          f"{drift['identical_fraction']:.2f} of the outputs identical")
   print(f"  hardware: {hardware.describe(results['hardware'])}")
+
+
+def _includes_base(export: str) -> bool:
+  with open(os.path.join(export, "export_meta.json")) as f:
+    return bool(json.load(f).get("includes_base"))
 
 
 def main(argv):
@@ -146,7 +198,9 @@ def main(argv):
                for p in distill.heldout_eval_prompts(config, loaded.tokenizer, _NUM.value)]
   else:
     prompts = runtime.read_jsonl_prompts(_PROMPTS.value, _NUM.value)
-  results = run(config, prompts, _MODES.value, loaded, _BATCH.value)
+  # An export that holds a trained backbone (Medusa-2): also measure how far it moved from the original.
+  tuned = cli.CHECKPOINT.value and "base" in loaded.params and _includes_base(cli.CHECKPOINT.value)
+  results = run(config, prompts, _MODES.value, loaded, _BATCH.value, compare_original=bool(tuned))
   print_table(results)
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

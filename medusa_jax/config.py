@@ -22,6 +22,10 @@ def default_config() -> ConfigDict:
   c.model = bundled.SMOLLM2
   c.dtype = "float32"  # fp32 on CPU (bf16 matmuls are ~8x slower on XLA-CPU); bfloat16 on GPU/TPU.
   c.seed = 0
+  # Optional: training starts from these heads: the original release's format, or a medusa_jax
+  # export (Medusa-2 from a Medusa-1 run: --config.heads_dir=runs/m1/export
+  # --config.train.heads_only_steps=0).
+  c.heads_dir = ""
 
   # draft_vocab > 0: heads propose only the N most frequent training tokens (exact verification
   # is unchanged; their LM projection shrinks V/N times, for training and for decoding).
@@ -73,7 +77,15 @@ def default_config() -> ConfigDict:
       grad_clip=1.0,
       b1=0.9, b2=0.999,
       head_decay=0.8,         # loss weight of head k: head_decay**k (the paper's 0.8^k)
+      # Each head's loss: ce (to the data's token, the paper's), kl (to the backbone's own
+      # distribution of that token, from the same forward), or mix ((1 - kl_mix) ce + kl_mix kl).
+      heads_loss="ce",
+      heads_kl_mix=0.5,
+      heads_kl_temperature=1.0,  # the backbone's distribution as a target: softmax(logits / T)
       remat_heads=True,       # recompute each head's [B, L, V] logits in the backward pass (memory)
+      # Medusa-1 on one process: the frozen backbone's hidden states of every example computed once
+      # (cached under data.data_dir/hidden) and looked up per batch, instead of a forward per step.
+      cache_hidden=False,
       # Which parameters train, as (regex over 'base/layers_0/wq'-style paths, group or None).
       # First match wins; None freezes. Medusa-1 vs Medusa-2 differ only here and in lm_weight.
       trainable=(("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("base/.*", None)),
@@ -82,6 +94,9 @@ def default_config() -> ConfigDict:
       backbone_warmup_steps=40,
       lm_weight=0.0,          # weight of the backbone's own LM loss (Medusa-2: 1.0)
       lm_loss="ce",           # ce (next-token) | kl (to the original backbone, for distilled data)
+      # The backbone through LoRA adapters (Medusa-2's released recipe: rank 32, alpha 16); rank 0:
+      # no adapters. With rank > 0, train.trainable must give 'lora/.*' a group (and freeze base/).
+      lora=ConfigDict(dict(rank=0, alpha=16.0, targets=r"layers_\d+/(wq|wk|wv|wo|w_gate|w_up|w_down)")),
       lambda0=1.0,            # weight of the heads' loss (Medusa-2: 0.2; 0.01 with KL)
       lambda0_schedule="constant",  # constant | sine (ramped over lambda0_ramp_steps)
       lambda0_ramp_steps=0,
@@ -108,6 +123,8 @@ def default_config() -> ConfigDict:
           ("cache_len", None),
           ("medusa_heads", None),
           ("medusa_layers", None),
+          ("medusa_path", None),
+          ("lora_rank", None),
           # Replicated: jax 0.10.2 computes wrong gradients for the heads' blocks when they are
           # split over tensor while rows are split over fsdp (tests/test_sharding.py keeps a canary).
           ("embed_out", None),
@@ -137,6 +154,13 @@ def apply_variants(c: ConfigDict, arg: str | None, variants: dict, where: str) -
       raise ValueError(f"Unknown variant {name!r} of {where} (known: {', '.join(sorted(variants))}).")
     variants[name](c)
   return c
+
+
+def split_variants(arg: str | None, names) -> tuple[str, str]:
+  """(the variants of ``arg`` in ``names``, the others), each as an ``arg`` string: a config that
+  builds on another passes the others on to it."""
+  parts = parse_arg(arg)
+  return ",".join(p for p in parts if p in names), ",".join(p for p in parts if p not in names)
 
 
 def tiny(c: ConfigDict) -> None:
@@ -180,6 +204,13 @@ def model_overrides(config: ConfigDict) -> dict:
 def heads_config(config: ConfigDict):
   from medusa_jax import heads  # pylint: disable=g-import-not-at-top
   return heads.HeadsConfig(**config.heads.to_dict())
+
+
+def lora_config(config: ConfigDict):
+  """The backbone's LoRA setting (``lora.LoraConfig``), or None without adapters."""
+  from medusa_jax import lora  # pylint: disable=g-import-not-at-top
+  lc = config.train.lora
+  return lora.LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha), targets=lc.targets) if int(lc.rank) > 0 else None
 
 
 def sampling(config: ConfigDict):

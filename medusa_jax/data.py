@@ -592,14 +592,23 @@ def prepare_sharegpt(data_dir: str, tokenizer, *, max_len: int, max_examples: in
 # --------------------------------------------------------------------------------------------------
 
 class _Truncate(grain.transforms.Map):
-  """Drops the id and cuts an example to the row length."""
+  """Drops the id and cuts an example to the row length; with token offsets, adds each token's
+  index into a flat per-token array of the source (``hidden_cache``)."""
 
-  def __init__(self, seq_len: int):
+  def __init__(self, seq_len: int, token_offsets=None):
     self.seq_len = seq_len
+    self.token_offsets = token_offsets
 
   def map(self, element):
-    return {'tokens': np.asarray(element['tokens'][:self.seq_len], np.int32),
-            'loss_mask': np.asarray(element['loss_mask'][:self.seq_len], np.int32)}
+    out = {'tokens': np.asarray(element['tokens'][:self.seq_len], np.int32),
+           'loss_mask': np.asarray(element['loss_mask'][:self.seq_len], np.int32)}
+    if self.token_offsets is not None:
+      start = int(self.token_offsets[element['source_index']])
+      out['token_index'] = np.arange(start, start + len(out['tokens']), dtype=np.int32)
+    return out
+
+
+_ROW_KEYS = ('tokens', 'loss_mask', 'token_index')
 
 
 class _PadRow(grain.transforms.Map):
@@ -611,7 +620,7 @@ class _PadRow(grain.transforms.Map):
   def map(self, element):
     n = len(element['tokens'])
     out = {}
-    for key in ('tokens', 'loss_mask'):
+    for key in (k for k in _ROW_KEYS if k in element):
       row = np.zeros(self.seq_len, np.int32)
       row[:n] = element[key]
       out[key] = row
@@ -625,16 +634,16 @@ class _PackedKeys(grain.transforms.Map):
   """Renames the packer's per-feature segment ids / positions to the batch layout."""
 
   def map(self, element):
-    return {'tokens': element['tokens'].astype(np.int32),
-            'loss_mask': element['loss_mask'].astype(np.int32),
-            'segment_ids': element['tokens_segment_ids'].astype(np.int32),
-            'positions': element['tokens_positions'].astype(np.int32)}
+    out = {k: element[k].astype(np.int32) for k in _ROW_KEYS if k in element}
+    out['segment_ids'] = element['tokens_segment_ids'].astype(np.int32)
+    out['positions'] = element['tokens_positions'].astype(np.int32)
+    return out
 
 
 def make_loader(source: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, seq_len: int,
                 seed: int, shuffle: bool = True, num_epochs: int | None = None,
                 shard_index: int = 0, shard_count: int = 1, pack: bool = False,
-                read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+                read_options: grain.ReadOptions | None = None, token_offsets=None) -> grain.DatasetIterator:
   """An iterator of batches ``{tokens, loss_mask, segment_ids, positions}``, each int32 [B, seq_len].
 
   Order: a global shuffle (reseeded every epoch) of the whole source, then host ``shard_index``
@@ -659,6 +668,9 @@ def make_loader(source: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, 
     shard_count: number of hosts (``jax.process_count()``).
     pack: pack several examples per row.
     read_options: grain read threads / prefetch; grain's defaults if None.
+    token_offsets: [len(source) + 1] start of each example in a flat per-token array (its
+      truncated tokens, in source order); batches then also hold ``token_index`` [B, seq_len], each
+      token's row there (0 on padding). ``hidden_cache`` uses it to look up cached hidden states.
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in [0, {shard_count}).')
@@ -668,16 +680,21 @@ def make_loader(source: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, 
   if per_shard == 0:
     raise ValueError(f'{len(source)} examples cannot be split over {shard_count} shards.')
   ds = grain.MapDataset.source(source)
+  if token_offsets is not None:
+    # A repeated dataset passes the epoch's offset on in the index: the source index is modulo its size.
+    n = len(source)
+    ds = ds.map_with_index(lambda i, e: {**e, 'source_index': i % n})
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds[shard_index:per_shard * shard_count:shard_count]
   # After shuffle and slice so that each epoch re-shuffles globally before sharding.
   ds = ds.repeat(num_epochs)
-  ds = ds.map(_Truncate(seq_len))
+  ds = ds.map(_Truncate(seq_len, token_offsets))
   it = ds.to_iter_dataset(read_options)
   if pack:
+    keys = _ROW_KEYS if token_offsets is not None else _ROW_KEYS[:2]
     it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={'tokens': seq_len, 'loss_mask': seq_len},
+        it, length_struct={k: seq_len for k in keys},
         num_packing_bins=batch_size, seed=seed, shuffle_bins=shuffle)
     it = it.map(_PackedKeys())
   else:

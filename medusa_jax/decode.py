@@ -235,8 +235,8 @@ class Decoder:
 
   ``step_fn(cfg, dparams, state, sampling=...)`` is the mode's step, ``room`` the cache rows a step
   writes, ``slack`` how many tokens a step may emit beyond ``max_new_tokens`` before truncation,
-  ``carry_draft``/``greedy_first`` as in ``prefill``, ``heads_weights(params) -> dict`` the mode's
-  loop-invariant head weights (``DecodeParams.heads``). ``placement`` (a
+  ``carry_draft``/``greedy_first`` as in ``prefill``, ``heads_weights(params, kernel=) -> dict`` the
+  mode's loop-invariant head weights (``DecodeParams.heads``; ``kernel``: the CPU kernel is in use). ``placement`` (a
   ``sharding.DecodePlacement``) runs them on a device mesh with explicit shardings (params by
   their logical axes, cache and per-sequence state by batch / kv heads); None: one device, where
   XLA places everything and the CPU kernel may be used.
@@ -272,7 +272,7 @@ class Decoder:
       params, packed = params.params, params.packed
     elif self.placement is None:
       packed = model_lib.pack_weights(self.cfg, params["base"])
-    heads = {} if self.heads_weights is None else self.heads_weights(params)
+    heads = {} if self.heads_weights is None else self.heads_weights(params, kernel=packed is not None)
     return DecodeParams(params=params, packed=packed, heads=heads)
 
   def _prepared(self, params) -> DecodeParams:

@@ -137,13 +137,13 @@ def check_train(config, cfg, hcfg, weights_dtype, mesh) -> dict:
   """Compiles the trainer's step for ``mesh``; returns per-device bytes."""
   tc = config.train
   params = sharding.abstract_params(cfg, hcfg, weights_dtype)
-  label_map = trainer.labels(params, tc.trainable)
-  tparams, frozen = trainer.partition(params, label_map)
-  tx, _ = trainer.make_optimizer(tc, {k: v for k, v in label_map.items() if v is not None}, tc.steps)
+  params = jax.eval_shape(lambda p: trainer.with_adapters(config, cfg, p), params)
+  split = trainer.split_for_training(tc, params)
+  tparams, frozen, tx = split.tparams, split.frozen, split.tx
   placement = sharding.TrainPlacement(config, mesh, cfg, hcfg, tparams, frozen)
   sc = dataclasses.replace(trainer.step_config(config, cfg, hcfg), rows=placement.rows)
   placement.check_batch(tc.batch_size)
-  with_teacher = sc.lm_weight > 0 and sc.lm_loss == "kl"
+  with_teacher = trainer.needs_teacher_copy(sc)
   teacher = None
   if with_teacher:
     teacher = sharding.with_shardings(params["base"], placement.teacher_shardings(params["base"]))

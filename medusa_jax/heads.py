@@ -189,13 +189,20 @@ def shared_weight_VxD(hcfg: HeadsConfig, cfg: ModelConfig, params):
   return params["base"]["embed"] if cfg.tie_embeddings else None
 
 
-def decoding_weights(hcfg: HeadsConfig, cfg: ModelConfig, params) -> dict:
+def decoding_weights(hcfg: HeadsConfig, cfg: ModelConfig, params, kernel: bool = False) -> dict:
   """Loop-invariant weights a decoder computes once per set of params (``decode.Decoder.prepare``),
-  kept beside the params pytree, never in it: ``{'proj_VxD'}``, the heads' shared projection
-  (``shared_weight_VxD``), when there is one. Gathering the draft rows inside the decode loop copied
-  (and transposed) the whole LM head on every step."""
+  kept beside the params pytree, never in it: ``proj_VxD``, the heads' shared projection
+  (``shared_weight_VxD``), when there is one; with ``kernel`` (the CPU decode kernel is in use) also
+  ``proj_packed``, the same matrix in its panel layout. Gathering the draft rows inside the decode
+  loop copied (and transposed) the whole LM head on every step."""
   w = shared_weight_VxD(hcfg, cfg, params)
-  return {} if w is None else {"proj_VxD": w}
+  if w is None:
+    return {}
+  out = {"proj_VxD": w}
+  if kernel:
+    from medusa_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
+    out["proj_packed"] = cpu_kernels.pack(jnp.asarray(w).T)
+  return out
 
 
 def logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=None):

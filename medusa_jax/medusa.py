@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax import cpu_kernels
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
 from medusa_jax import model as model_lib
@@ -89,17 +90,22 @@ class Accepted:
 # 1. Draft
 # ----------------------------------------------------------------------------------------------
 
-def _head_logits(hcfg, cfg: ModelConfig, params, hidden_BxLxD, path, first_head: int, proj_VxD):
-  """[B, L, M, V'] logits of the heads in ``params`` (a slice starting at head ``first_head``)."""
+def _head_logits(hcfg, cfg: ModelConfig, params, hidden_BxLxD, path, first_head: int, weights: dict):
+  """[B, L, M, V'] logits of the heads in ``params`` (a slice starting at head ``first_head``);
+  ``weights``: ``DecodeParams.heads`` (the shared projection gathered once, maybe packed)."""
+  proj_VxD = weights.get("proj_VxD")
   if proj_VxD is None:
     proj_VxD = heads_lib.shared_weight_VxD(hcfg, cfg, params)
   if proj_VxD is None:
     return heads_lib.subset_logits(hcfg, cfg, params, hidden_BxLxD, path, first_head)
+  dt = cfg.compute_dtype
+  x_BxLxMxD = heads_lib.head_states(hcfg, cfg, params, hidden_BxLxD, path, first_head)
+  packed = weights.get("proj_packed")
+  if cpu_kernels.use_kernel(x_BxLxMxD, packed):  # one read of the projection for every head's row
+    return cpu_kernels.matmul(x_BxLxMxD, packed, proj_VxD.shape[0])
   # One [V', D] projection shared by the heads: computed vocabulary-major (the weight as the left
   # operand), which XLA-CPU runs without repacking the weight; as x @ w.T with a row per head it
   # repacked the whole transposed [V', D] weight on every step.
-  dt = cfg.compute_dtype
-  x_BxLxMxD = heads_lib.head_states(hcfg, cfg, params, hidden_BxLxD, path, first_head)
   logits_VxBxLxM = jnp.einsum("vd,blmd->vblm", proj_VxD.astype(dt), x_BxLxMxD.astype(dt),
                               preferred_element_type=model_lib.accum_dtype(dt))
   return jnp.moveaxis(logits_VxBxLxM, 0, -1)  # small: [V', B, L, M]
@@ -109,12 +115,12 @@ def _top(logits_xV, k: int):
   return jnp.argmax(logits_xV, axis=-1)[..., None] if k == 1 else jax.lax.top_k(logits_xV, k)[1]
 
 
-def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_BxD, root_B, proj_VxD=None):
+def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_BxD, root_B, weights=None):
   """Each head's top-k tokens at one position, flattened: [B, sum(segment_topk)] (Medusa heads).
 
   ``root_B`` is the token the backbone chose after that position (read by heads with
-  ``next_token_input``); ``proj_VxD`` the heads' shared projection if already gathered
-  (``heads.decoding_weights``). Only the heads the tree reaches are evaluated, over their draft
+  ``next_token_input``); ``weights`` the heads' loop-invariant weights (``heads.decoding_weights``:
+  the shared projection gathered once), if prepared. Only the heads the tree reaches are evaluated, over their draft
   vocabulary when they have one: their LM projection is the largest cost a Medusa step adds to a
   small tree's forward.
   """
@@ -122,13 +128,13 @@ def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_BxD, root
   hcfg = dataclasses.replace(spec.heads, num_heads=depth)
   sub = {"base": params["base"], "medusa": {k: (v if k == "vocab_ids" else v[:depth])
                                             for k, v in params["medusa"].items()}}
-  logits_BxMxV = _head_logits(hcfg, cfg, sub, hidden_BxD[:, None], root_B[:, None], 0, proj_VxD)[:, 0]
+  logits_BxMxV = _head_logits(hcfg, cfg, sub, hidden_BxD[:, None], root_B[:, None], 0, weights or {})[:, 0]
   idx = jnp.concatenate([_top(logits_BxMxV[:, m], k) for m, k in enumerate(spec.tree.segment_topk)], axis=-1)
   idx = idx.astype(jnp.int32)
   return sub["medusa"]["vocab_ids"][idx] if spec.heads.draft_vocab else idx
 
 
-def draft_levels(spec: MedusaSpec, cfg: ModelConfig, params, hidden_BxD, root_B, proj_VxD=None):
+def draft_levels(spec: MedusaSpec, cfg: ModelConfig, params, hidden_BxD, root_B, weights=None):
   """The tree's node tokens [B, N] drafted level by level (sequential heads).
 
   Level d's candidates are head d's top-k, evaluated once per level-(d-1) node that has children
@@ -145,7 +151,7 @@ def draft_levels(spec: MedusaSpec, cfg: ModelConfig, params, hidden_BxD, root_B,
     path_BxPxd = tokens_BxN[:, tree.ancestors[parents_P, :d]]   # root .. parent, drafted already
     hidden_BxPxD = jnp.broadcast_to(hidden_BxD[:, None], (B, len(parents_P), hidden_BxD.shape[-1]))
     sub = {"base": params["base"], "medusa": heads_lib.per_head(params["medusa"], d - 1)}
-    logits_BxPxV = _head_logits(one, cfg, sub, hidden_BxPxD, path_BxPxd, d - 1, proj_VxD)[:, :, 0]
+    logits_BxPxV = _head_logits(one, cfg, sub, hidden_BxPxD, path_BxPxd, d - 1, weights or {})[:, :, 0]
     top_BxPxK = _top(logits_BxPxV, tree.topk[d - 1]).astype(jnp.int32)
     nodes = np.flatnonzero(tree.depths == d)
     tok_BxK = top_BxPxK[:, tree.parent_slot[nodes], tree.rank[nodes]]
@@ -157,10 +163,9 @@ def draft_levels(spec: MedusaSpec, cfg: ModelConfig, params, hidden_BxD, root_B,
 
 def draft(spec: MedusaSpec, cfg: ModelConfig, dp: DecodeParams, state: DecodeState):
   """The N tree nodes' tokens [B, N]: the newest token (root), then the heads' guesses in tree order."""
-  proj = dp.heads.get("proj_VxD")
   if spec.heads.kind == "sequential":
-    return draft_levels(spec, cfg, dp.params, state.draft.hidden_BxD, state.last_B, proj)
-  cand = head_candidates(spec, cfg, dp.params, state.draft.hidden_BxD, state.last_B, proj)
+    return draft_levels(spec, cfg, dp.params, state.draft.hidden_BxD, state.last_B, dp.heads)
+  cand = head_candidates(spec, cfg, dp.params, state.draft.hidden_BxD, state.last_B, dp.heads)
   flat_BxF = jnp.concatenate([state.last_B[:, None], cand], axis=-1)  # [root, head1 top-k, head2 top-k, ...]
   return flat_BxF[:, jnp.asarray(spec.tree.tree_indices)]
 

@@ -40,7 +40,8 @@ def load(config, heads: str | None = None, checkpoint: str | None = None) -> Loa
   Args:
     config: a ConfigDict from ``configs/``.
     heads: 'random' (fresh random heads), a directory in the original release's format
-      (medusa_lm_head.safetensors + config.json), or None (zero-initialised heads: identity blocks).
+      (medusa_lm_head.safetensors + config.json), a medusa_jax export (its heads only: e.g.
+      Medusa-2 starting from Medusa-1 heads), or None (zero-initialised heads: identity blocks).
     checkpoint: a params-only export written by training (``--checkpoint DIR``); it holds both
       the backbone and the heads and takes precedence over ``heads``.
   """
@@ -53,6 +54,13 @@ def load(config, heads: str | None = None, checkpoint: str | None = None) -> Loa
   base = jax.tree.map(jnp.asarray, base)
   if heads == "random":
     medusa = random_heads(hcfg, cfg, base, config.seed)
+  elif heads and os.path.exists(os.path.join(heads, "export_meta.json")):  # heads of a medusa_jax export
+    from medusa_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+    exported, saved = ckpt.load_export(heads, cfg, base)
+    if saved != hcfg:
+      raise ckpt.CheckpointError(f"{heads} holds heads {saved}, but the config asks for {hcfg}: set config.heads "
+                                 "to match, or use the export these heads came from.")
+    medusa = exported["medusa"]
   elif heads:
     hcfg, medusa = convert.load_medusa_heads(heads, cfg)
     medusa = jax.tree.map(jnp.asarray, medusa)

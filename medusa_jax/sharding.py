@@ -170,8 +170,13 @@ def tree_shardings(axes_tree, abstract_tree, rules, mesh: Mesh):
                                       for a, v in zip(flat_axes, flat_vals)])
 
 
-def params_axes(cfg: model_lib.ModelConfig, hcfg: heads_lib.HeadsConfig) -> dict:
-  return {"base": model_lib.param_axes(cfg), "medusa": heads_lib.param_axes(hcfg)}
+def params_axes(cfg: model_lib.ModelConfig, hcfg: heads_lib.HeadsConfig, lcfg=None) -> dict:
+  """Logical axes of ``{'base', 'medusa'}`` (and ``'lora'``: adapters shard like their matrices)."""
+  axes = {"base": model_lib.param_axes(cfg), "medusa": heads_lib.param_axes(hcfg)}
+  if lcfg is not None:
+    from medusa_jax import lora  # pylint: disable=g-import-not-at-top
+    axes["lora"] = lora.axes(lcfg, cfg)
+  return axes
 
 
 def subtree_like(full: dict, part: dict) -> dict:
@@ -286,8 +291,9 @@ class TrainPlacement:
   """
 
   def __init__(self, config, mesh: Mesh, cfg, hcfg, tparams: dict, frozen: dict):
+    from medusa_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     self.mesh, self.rules = mesh, rules_of(config)
-    axes = params_axes(cfg, hcfg)
+    axes = params_axes(cfg, hcfg, config_lib.lora_config(config))
     self.t_shard = tree_shardings(subtree_like(axes, tparams), tparams, self.rules, mesh)
     self.f_shard = tree_shardings(subtree_like(axes, frozen), frozen, self.rules, mesh) if frozen else {}
     self._base_axes = axes["base"]
@@ -350,8 +356,10 @@ class TrainPlacement:
                                         transform_non_params=lambda _: self.replicated, is_leaf=masked)
     return self._opt
 
-  def step_in_shardings(self, tx, with_teacher: bool):
+  def step_in_shardings(self, tx, with_teacher: bool, cached_hidden: bool = False):
     batch = {k: self.batch for k in ("tokens", "loss_mask", "segment_ids", "positions")}
+    if cached_hidden:  # [B, L, D] hidden states (trainer's cache_hidden): rows like the batch's
+      batch["hidden"] = NamedSharding(self.mesh, P(self.batch_axes, None, None))
     teacher = self._teacher if with_teacher else None
     if with_teacher and teacher is None:
       raise ValueError("call teacher_shardings (or put_frozen_like) before jitting a step with a teacher")

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +66,28 @@ def partition(params, label_map: dict):
   return trainable, frozen
 
 
+@dataclasses.dataclass
+class Split:
+  """What trains and how: ``label_map`` {path: group or None}, the trainable and frozen halves of
+  the params, the optimizer over the trainable half and its per-group learning-rate schedules."""
+  label_map: dict
+  tparams: dict
+  frozen: dict
+  tx: Any
+  schedules: dict
+
+
+def split_for_training(tc, params) -> Split:
+  """``config.train``'s rules applied to ``params`` (concrete or abstract): the one wiring of
+  labels -> partition -> optimizer that training, the fit check and the tests share."""
+  label_map = labels(params, tc.trainable)
+  tparams, frozen = partition(params, label_map)
+  if not tparams:
+    raise ValueError("config.train.trainable freezes every parameter: nothing to train.")
+  tx, sched = make_optimizer(tc, {k: v for k, v in label_map.items() if v is not None}, tc.steps)
+  return Split(label_map, tparams, frozen, tx, sched)
+
+
 def merge(a: dict, b: dict) -> dict:
   out = dict(a)
   for k, v in b.items():
@@ -77,35 +99,77 @@ def merge(a: dict, b: dict) -> dict:
 # Optimizer
 # ----------------------------------------------------------------------------------------------
 
-def schedules(tc, total: int) -> dict[str, Callable]:
-  """Per-group learning-rate schedules: warm-up + cosine; the backbone starts after the heads-only stage."""
+class StartState(NamedTuple):
+  count: jax.Array
+  inner: Any
+
+
+def starting_at(tx: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
+  """``tx`` whose state begins at step ``start``: before it, updates are zero and the inner state
+  (Adam's step count and moments included) stays as initialised, so step ``start`` is a fresh
+  ``tx``'s first step. Medusa-2's backbone: one Adam state for the whole run would count the
+  heads-only steps, and bias correction would then inflate its first joint updates (after 150
+  heads-only steps, about 2.2-2.5x for the first ~100 joint steps at b1 0.9, b2 0.999)."""
+  def init(params):
+    return StartState(jnp.zeros((), jnp.int32), tx.init(params))
+
+  def update(updates, state, params=None):
+    new_updates, new_inner = tx.update(updates, state.inner, params)
+    go = state.count >= start
+    pick = lambda new, old: jnp.where(go, new, old)
+    updates = jax.tree.map(lambda u: jnp.where(go, u, jnp.zeros_like(u)), new_updates)
+    return updates, StartState(state.count + 1, jax.tree.map(pick, new_inner, state.inner))
+
+  return optax.GradientTransformation(init, update)
+
+
+def group_schedules(tc, total: int) -> dict[str, tuple[Callable, int]]:
+  """Each optimizer group's learning rate as a function of its own step count, and the global step
+  that count starts at: warm-up + cosine. ``group_lr_mult`` scales every group's peak (heads and
+  backbone included); the backbone starts when the heads-only stage ends, with its own warm-up."""
   warm = tc.warmup_steps or max(1, int(tc.warmup_frac * total))
   mult = dict(tc.group_lr_mult)
-  heads = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warm, max(total, warm + 1), 0.0)
-  out = {"heads": heads}
-  start = tc.heads_only_steps
-  bb_peak = tc.lr * mult.get("backbone", 1.0)
-  bb = optax.warmup_cosine_decay_schedule(0.0, bb_peak, tc.backbone_warmup_steps,
-                                          max(total - start, tc.backbone_warmup_steps + 1), 0.0)
-  out["backbone"] = lambda s: jnp.where(s < start, 0.0, bb(jnp.maximum(s - start, 0)))
+  peak = lambda g: tc.lr * float(mult.get(g, 1.0))
+  heads = optax.warmup_cosine_decay_schedule(0.0, peak("heads"), warm, max(total, warm + 1), 0.0)
+  start = int(tc.heads_only_steps)
+  out = {"heads": (heads, 0),
+         "backbone": (optax.warmup_cosine_decay_schedule(0.0, peak("backbone"), tc.backbone_warmup_steps,
+                                                         max(total - start, tc.backbone_warmup_steps + 1), 0.0),
+                      start)}
+  base_heads = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warm, max(total, warm + 1), 0.0)
   for g, m in mult.items():
     if g not in out:
-      out[g] = lambda s, m=m: heads(s) * m
+      out[g] = (lambda s, m=float(m): base_heads(s) * m, 0)
   return out
 
 
+def schedules(tc, total: int) -> dict[str, Callable]:
+  """Per-group learning rates as functions of the global step (what the logs and TensorBoard show)."""
+  def at_global(fn, start):
+    return lambda s: jnp.where(s < start, 0.0, fn(jnp.maximum(s - start, 0)))
+  return {g: at_global(fn, start) for g, (fn, start) in group_schedules(tc, total).items()}
+
+
 def make_optimizer(tc, trainable_labels: dict, total: int):
+  """AdamW per group, each clipping its own gradient norm (Medusa-2's heads and backbone see
+  gradients of different losses, whose norms should not throttle each other), each group's state
+  starting with its own stage (``starting_at``)."""
   groups = sorted({g for g in trainable_labels.values() if g is not None})
-  sched = schedules(tc, total)
-  unknown = [g for g in groups if g not in sched]
+  per_group = group_schedules(tc, total)
+  unknown = [g for g in groups if g not in per_group]
   if unknown:
-    raise ValueError(f"Optimizer groups {unknown} have no schedule; known: {sorted(sched)}")
-  txs = {g: optax.adamw(sched[g], b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay) for g in groups}
+    raise ValueError(f"Optimizer groups {unknown} have no schedule; known: {sorted(per_group)}")
+  txs = {}
+  for g in groups:
+    fn, start = per_group[g]
+    tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                     optax.adamw(fn, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+    txs[g] = starting_at(tx, start) if start > 0 else tx
 
   def label_fn(tparams):
     return jax.tree_util.tree_map_with_path(lambda p, _: trainable_labels[path_str(p)], tparams)
 
-  return optax.chain(optax.clip_by_global_norm(tc.grad_clip), optax.multi_transform(txs, label_fn)), sched
+  return optax.multi_transform(txs, label_fn), schedules(tc, total)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +188,12 @@ class StepConfig:
   lambda0_schedule: str
   lambda0_ramp_steps: int
   remat_heads: bool = True
+  heads_loss: str = "ce"          # ce | kl | mix (loss.heads_loss)
+  heads_kl_mix: float = 0.5
+  heads_kl_temperature: float = 1.0
+  # Medusa-2: the global step its joint stage starts at (the lambda0 ramp counts from there).
+  joint_start: int = 0
+  lora: Any = None                # lora.LoraConfig: the backbone trains through adapters
   # Medusa-2's heads-only stage: the backbone is held (stop_gradient) and its LM loss skipped, so a
   # step costs what a Medusa-1 step costs instead of a full backbone backward plus a teacher forward
   # whose updates the zero backbone learning rate would throw away.
@@ -152,37 +222,89 @@ def _whole_embedding(sc: StepConfig, base):
 
 
 def lambda0_at(sc: StepConfig, step):
+  """λ0 at a global step: a sine ramp counts from the joint stage's first step (0 there)."""
   if sc.lambda0_schedule == "sine" and sc.lambda0_ramp_steps > 0:
-    return sc.lambda0 * jnp.sin(0.5 * jnp.pi * jnp.minimum(1.0, step / sc.lambda0_ramp_steps))
+    s = jnp.maximum(step - sc.joint_start, 0)
+    return sc.lambda0 * jnp.sin(0.5 * jnp.pi * jnp.minimum(1.0, s / sc.lambda0_ramp_steps))
   return jnp.asarray(sc.lambda0, jnp.float32)
 
 
+@jax.custom_vjp
+def scale_grad(x, scale):
+  """The identity whose gradient is multiplied by ``scale`` (a traced scalar)."""
+  return x
+
+
+scale_grad.defvjp(lambda x, scale: (x, scale), lambda scale, g: (g * scale.astype(g.dtype), jnp.zeros_like(scale)))
+
+
+def backbone(sc: StepConfig, params):
+  """The backbone the step runs: ``params['base']`` with its LoRA adapters merged when it has them."""
+  if sc.lora is None:
+    return params["base"]
+  from medusa_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  return lora_lib.merge(sc.lora, params["base"], params["lora"])
+
+
 def loss_fn(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
+  """(the value differentiated, metrics); ``metrics['loss']`` is the objective itself.
+
+  Medusa-1 (no LM loss): λ0 · heads_loss. Medusa-2's heads-only stage: heads_loss alone, the
+  backbone held. Its joint stage: ``lm_weight · L_LM + λ0 · heads_loss``, where the backbone gets
+  exactly that gradient but the heads get the gradient of heads_loss itself: λ0 scales only the
+  heads loss's gradient into the backbone (``scale_grad``). The heads' loss is the only one they
+  see, so for them λ0 would just rescale every gradient, and Adam's moments from the heads-only
+  stage (at scale 1) would then shrink their updates ~1/λ0-fold (100x at λ0 = 0.01) for thousands
+  of steps.
+  """
   params = merge(frozen, tparams)
+  base = backbone(sc, params)
   if sc.heads_only:
-    params = {**params, "base": jax.lax.stop_gradient(params["base"])}
+    base = jax.lax.stop_gradient(base)
+  params = {**params, "base": base}
   cfg = sc.model
   mask = model_lib.segment_causal_mask(batch["segment_ids"])
-  _, hidden, _ = model_lib.forward(cfg, _whole_embedding(sc, params["base"]), batch["tokens"],
-                                   batch["positions"], mask, None, logits=False)
+  if "hidden" in batch:  # Medusa-1 with config.train.cache_hidden: the frozen backbone's, looked up
+    hidden = batch["hidden"].astype(cfg.compute_dtype)
+  else:
+    _, hidden, _ = model_lib.forward(cfg, _whole_embedding(sc, base), batch["tokens"], batch["positions"], mask,
+                                     None, logits=False)
   hidden = _pin_rows(sc, hidden)
-  h_loss, metrics = loss_lib.heads_loss(sc.heads, cfg, params, hidden, batch, sc.head_decay,
-                                        remat=sc.remat_heads)
-  lam = lambda0_at(sc, step)
-  total = lam * h_loss
+  joint = sc.lm_weight > 0 and not sc.heads_only
+  lam = lambda0_at(sc, step) if not sc.heads_only else jnp.ones((), jnp.float32)
+  h_loss, metrics = loss_lib.heads_loss(sc.heads, cfg, params, scale_grad(hidden, lam) if joint else hidden, batch,
+                                        sc.head_decay, remat=sc.remat_heads, kind=sc.heads_loss,
+                                        kl_mix=sc.heads_kl_mix, kl_temperature=sc.heads_kl_temperature)
   metrics["heads_loss"] = h_loss
-  if sc.lm_weight > 0 and not sc.heads_only:
+  objective = lam * h_loss
+  differentiated = h_loss if joint else objective
+  if joint:
     teacher = None
     if sc.lm_loss == "kl":
-      _, t_hidden, _ = model_lib.forward(cfg, _whole_embedding(sc, teacher_base), batch["tokens"],
-                                         batch["positions"], mask, None, logits=False)
-      teacher = jax.lax.stop_gradient(model_lib.project_logits(cfg, teacher_base, t_hidden))
-    lm, lm_metrics = loss_lib.lm_loss(cfg, params["base"], hidden, batch, teacher)
-    total = total + sc.lm_weight * lm
+      # The original backbone: a frozen copy, or with LoRA the base weights themselves.
+      t_base = teacher_base if teacher_base is not None else params_base_frozen(sc, frozen, tparams)
+      _, t_hidden, _ = model_lib.forward(cfg, _whole_embedding(sc, t_base), batch["tokens"], batch["positions"],
+                                         mask, None, logits=False)
+      teacher = jax.lax.stop_gradient(model_lib.project_logits(cfg, t_base, t_hidden))
+    lm, lm_metrics = loss_lib.lm_loss(cfg, base, hidden, batch, teacher)
+    objective = objective + sc.lm_weight * lm
+    differentiated = differentiated + sc.lm_weight * lm
     metrics.update(lm_metrics)
   metrics["lambda0"] = lam
-  metrics["loss"] = total
-  return total, metrics
+  metrics["loss"] = objective
+  return differentiated, metrics
+
+
+def params_base_frozen(sc: StepConfig, frozen, tparams):
+  """The untouched base weights (LoRA: they are frozen; the adapters carry the training)."""
+  if sc.lora is None:
+    raise ValueError("A KL backbone loss without LoRA needs the original backbone (teacher_base).")
+  return merge(frozen, tparams)["base"]
+
+
+def needs_teacher_copy(sc: StepConfig) -> bool:
+  """Whether the KL backbone loss needs a frozen copy of the original backbone (not with LoRA)."""
+  return sc.lm_weight > 0 and sc.lm_loss == "kl" and sc.lora is None
 
 
 def _injected_nonfinite(sc: StepConfig, loss):
@@ -221,7 +343,7 @@ def eval_step(sc: StepConfig, tparams, frozen, batch, step, teacher_base=None):
   return loss_fn(sc, tparams, frozen, batch, step, teacher_base)[1]
 
 
-def jit_train_step(sc: StepConfig, tx, placement, with_teacher: bool):
+def jit_train_step(sc: StepConfig, tx, placement, with_teacher: bool, cached_hidden: bool = False):
   """``train_step`` jitted for ``placement``'s mesh (``sharding.TrainPlacement``).
 
   Explicit in/out shardings (see TrainPlacement for why each is what it is) fix the layout once, so
@@ -230,7 +352,7 @@ def jit_train_step(sc: StepConfig, tx, placement, with_teacher: bool):
   ``medusa_jax.fit`` lowers this same function ahead of time.
   """
   return jax.jit(functools.partial(train_step, sc, tx), donate_argnums=(0, 1),
-                 in_shardings=placement.step_in_shardings(tx, with_teacher),
+                 in_shardings=placement.step_in_shardings(tx, with_teacher, cached_hidden),
                  out_shardings=placement.step_out_shardings(tx))
 
 
@@ -238,9 +360,19 @@ def step_config(config, cfg, hcfg) -> StepConfig:
   tc = config.train
   if tc.lm_loss not in ("ce", "kl"):
     raise ValueError(f"config.train.lm_loss must be 'ce' or 'kl', got {tc.lm_loss!r}")
+  if tc.heads_loss not in loss_lib.HEADS_LOSSES:
+    raise ValueError(f"config.train.heads_loss must be one of {loss_lib.HEADS_LOSSES}, got {tc.heads_loss!r}")
+  if int(tc.seq_len) > cfg.max_seq_len:
+    raise ValueError(f"config.train.seq_len={tc.seq_len} exceeds the model's context of {cfg.max_seq_len}"
+                     + (f" (its {cfg.sliding_window}-token sliding window: sliding-window attention is not "
+                        "implemented)" if cfg.sliding_window else "") + ".")
   return StepConfig(model=cfg, heads=hcfg, head_decay=float(tc.head_decay), lm_weight=float(tc.lm_weight),
                     lm_loss=tc.lm_loss, lambda0=float(tc.lambda0), lambda0_schedule=tc.lambda0_schedule,
-                    lambda0_ramp_steps=int(tc.lambda0_ramp_steps), remat_heads=bool(tc.remat_heads))
+                    lambda0_ramp_steps=int(tc.lambda0_ramp_steps), remat_heads=bool(tc.remat_heads),
+                    heads_loss=tc.heads_loss, heads_kl_mix=float(tc.heads_kl_mix),
+                    heads_kl_temperature=float(tc.heads_kl_temperature),
+                    joint_start=int(tc.heads_only_steps) if tc.lm_weight > 0 else 0,
+                    lora=config_lib.lora_config(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,6 +510,43 @@ class _NonFiniteSteps:
     return skipped
 
 
+def _hidden_caches(config, cfg, base, train_src, heldout_src, trains_base: bool, sc: StepConfig):
+  """{'train', 'heldout'} hidden-state caches with ``config.train.cache_hidden`` (else None)."""
+  if not config.train.cache_hidden:
+    return None
+  if trains_base or sc.lm_weight > 0:
+    raise ValueError("config.train.cache_hidden needs a frozen backbone and no LM loss (Medusa-1): the "
+                     "hidden states of a backbone that trains change every step.")
+  if jax.process_count() > 1:
+    raise ValueError("config.train.cache_hidden works on one process (each would need every example's "
+                     "hidden states); turn it off for multi-host runs.")
+  from medusa_jax import hidden_cache  # pylint: disable=g-import-not-at-top
+  name, seq_len, data_dir = dataset_name(config), int(config.train.seq_len), config.data.data_dir
+  caches = {"train": hidden_cache.for_split(cfg, base, train_src, seq_len, data_dir, name, "train")}
+  if heldout_src is not None:
+    caches["heldout"] = hidden_cache.for_split(cfg, base, heldout_src, seq_len, data_dir, name, "heldout")
+  return caches
+
+
+def with_adapters(config, cfg, params: dict) -> dict:
+  """``params`` with fresh LoRA adapters (``params['lora']``) when ``config.train.lora.rank`` > 0."""
+  lcfg = config_lib.lora_config(config)
+  if lcfg is None:
+    return params
+  from medusa_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  return {**params, "lora": lora_lib.init(lcfg, cfg, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))}
+
+
+def export_params(sc: StepConfig, params: dict) -> dict:
+  """What decoding loads: LoRA adapters merged into the backbone (stored in its dtype), so a
+  LoRA-trained model decodes at no extra cost."""
+  if sc.lora is None:
+    return params
+  from medusa_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  base = lora_lib.merge(sc.lora, params["base"], params["lora"], dtype=sc.model.param_dtype)
+  return {"base": base, "medusa": params["medusa"]}
+
+
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
   """Trains heads (and, for Medusa-2, the backbone) and exports params for decoding.
 
@@ -397,21 +566,20 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   tc = config.train
   sharding.maybe_initialize_distributed(config)
-  # heads_dir (optional): start from heads in the original release's format (convert.load_medusa_heads).
-  loaded = runtime.load(config, heads=config.get("heads_dir", None) or None)
+  # heads_dir (optional): start from heads in the original release's format or from an export's.
+  heads_dir = config.get("heads_dir", None) or None
+  loaded = runtime.load(config, heads=heads_dir)
   cfg, hcfg = loaded.cfg, loaded.heads
   params = loaded.params
   data_lib, train_src, heldout_src = _data_sources(config, loaded.tokenizer)
-  if hcfg.draft_vocab:
+  if hcfg.draft_vocab and heads_dir is None:  # heads loaded from an export keep their own vocabulary
     params["medusa"]["vocab_ids"] = heads_lib.draft_vocab_from_counts(hcfg, target_counts(train_src, cfg.vocab_size))
-  label_map = labels(params, tc.trainable)
-  tparams, frozen = partition(params, label_map)
-  if not tparams:
-    raise ValueError("config.train.trainable freezes every parameter: nothing to train.")
-  tx, sched = make_optimizer(tc, {k: v for k, v in label_map.items() if v is not None}, tc.steps)
+  params = with_adapters(config, cfg, params)
+  split = split_for_training(tc, params)
+  label_map, tparams, frozen, tx, sched = split.label_map, split.tparams, split.frozen, split.tx, split.schedules
   sc = step_config(config, cfg, hcfg)
   teacher = None
-  if sc.lm_weight > 0 and sc.lm_loss == "kl":
+  if needs_teacher_copy(sc):
     teacher = jax.tree.map(jnp.copy, params["base"])  # the original backbone, frozen
 
   mesh = sharding.make_mesh(config)
@@ -421,18 +589,27 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   tparams, frozen = placement.put(tparams, frozen)
   teacher = placement.put_frozen_like(teacher) if teacher is not None else None
   opt_state = jax.jit(tx.init, out_shardings=placement.opt_shardings(tx))(tparams)
-  step_fn = jit_train_step(sc, tx, placement, teacher is not None)
-  trains_base = any(g is not None for p, g in label_map.items() if p.startswith("base/"))
-  heads_only_fn = (jit_train_step(dataclasses.replace(sc, heads_only=True), tx, placement, teacher is not None)
-                   if trains_base and tc.heads_only_steps > 0 else step_fn)
+  trains_base = any(g is not None for p, g in label_map.items() if p.startswith(("base/", "lora/")))
+  caches = _hidden_caches(config, cfg, params["base"], train_src, heldout_src, trains_base, sc)
+  cached = caches is not None
+  step_fn = jit_train_step(sc, tx, placement, teacher is not None, cached)
+  heads_only_fn = (jit_train_step(dataclasses.replace(sc, heads_only=True), tx, placement, teacher is not None,
+                                  cached) if trains_base and tc.heads_only_steps > 0 else step_fn)
   eval_fn = jax.jit(functools.partial(eval_step, sc))
 
   # Hosts whose devices share batch rows (replicas) read the same examples; see sharding.process_shard.
   shard_index, shard_count = placement.data_shard()
   per_host = tc.batch_size // shard_count
   loader = data_lib.make_loader(train_src, batch_size=per_host, seq_len=tc.seq_len, seed=config.seed,
-                                shard_index=shard_index, shard_count=shard_count, pack=config.data.pack)
+                                shard_index=shard_index, shard_count=shard_count, pack=config.data.pack,
+                                token_offsets=caches["train"].offsets if cached else None)
   it = iter(loader)
+
+  def put(batch, split):
+    if cached:  # the frozen backbone's hidden states instead of its forward
+      batch = dict(batch)
+      batch["hidden"] = caches[split].gather(batch.pop("token_index"))
+    return placement.put_batch(batch)
 
   trainable_rules = [[rx, g] for rx, g in tc.trainable]
   ckpts = ckpt_lib.TrainCheckpoints(workdir, every=tc.checkpoint_every, keep=tc.keep_checkpoints, meta={
@@ -455,12 +632,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
       return {}
     ev = data_lib.make_loader(heldout_src, batch_size=per_host, seq_len=tc.seq_len, seed=0, shuffle=False,
                               num_epochs=1, shard_index=shard_index, shard_count=shard_count,
-                              pack=config.data.pack)
+                              pack=config.data.pack, token_offsets=caches["heldout"].offsets if cached else None)
     acc, n = {}, 0
     for i, b in enumerate(ev):
       if i >= tc.eval_batches:
         break
-      m = eval_fn(tparams, frozen, placement.put_batch(b), jnp.asarray(step), teacher)
+      m = eval_fn(tparams, frozen, put(b, "heldout"), jnp.asarray(step), teacher)
       for k, v in m.items():
         acc[k] = acc.get(k, 0.0) + float(v)
       n += 1
@@ -476,7 +653,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   try:
     with preemption_lib.TrainStop(ckpts.reached_preemption, jax.process_count()) as stop:
       for step in bar:
-        batch = placement.put_batch(next(it))
+        batch = put(next(it), "train")
         fn = heads_only_fn if step < tc.heads_only_steps else step_fn
         tparams, opt_state, metrics = fn(tparams, opt_state, frozen, batch, jnp.asarray(step), teacher)
         done = step + 1
@@ -511,7 +688,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
               f"in {ckpts.dir}. Run the same command again to resume.")
           break
     if stopped is None and done == tc.steps:
-      params = merge(frozen, tparams)
+      params = export_params(sc, merge(frozen, tparams))
       ckpt_lib.save_export(os.path.join(workdir, "export"), cfg, hcfg, params, include_base=trains_base,
                            model=config.model)
       say(f"Exported params for decoding to {os.path.join(workdir, 'export')}")

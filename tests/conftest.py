@@ -158,10 +158,23 @@ def train_config(data_dir: str, name: str = "smollm2_medusa1", **train):
   c.data.heldout_fraction = 0.2
   c.data.data_dir = data_dir
   c.heads.draft_vocab = DRAFT_VOCAB
+  # The backbone's forward every step (the reference; tests/test_train.py checks cache_hidden against it).
   c.train.update(dict(steps=TRAIN_STEPS, lr=0.1, log_every=1, eval_every=1, eval_batches=1, checkpoint_every=4,
-                      keep_checkpoints=3))
+                      keep_checkpoints=3, cache_hidden=False))
   c.train.update(train)
   return c
+
+
+def tiny_train_parts(data_dir: str):
+  """``train_config``'s model with random heads, split for training as the trainer splits it:
+  (config, model config, heads config, params, trainer.Split, trainer.StepConfig)."""
+  from medusa_jax import config as config_lib, convert, runtime, trainer  # pylint: disable=g-import-not-at-top
+  c = train_config(data_dir)
+  cfg, base, _ = convert.load_model(c.model)
+  hcfg = config_lib.heads_config(c)
+  base = jax.tree.map(jnp.asarray, base)
+  params = {"base": base, "medusa": runtime.random_heads(hcfg, cfg, base)}
+  return c, cfg, hcfg, params, trainer.split_for_training(c.train, params), trainer.step_config(c, cfg, hcfg)
 
 
 @pytest.fixture(scope="session")

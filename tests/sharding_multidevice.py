@@ -100,9 +100,8 @@ def train_on(c, shape, data):
   mesh = mesh_for(c, shape)
   rules = sharding.rules_of(c)
   params = sharding.init_params(CFG, HCFG, jax.random.PRNGKey(0), mesh, rules)  # sharded init
-  label_map = trainer.labels(params, c.train.trainable)
-  tparams, frozen = trainer.partition(params, label_map)
-  tx, _ = trainer.make_optimizer(c.train, {k: v for k, v in label_map.items() if v is not None}, c.train.steps)
+  split = trainer.split_for_training(c.train, params)
+  tparams, frozen, tx = split.tparams, split.frozen, split.tx
   placement = sharding.TrainPlacement(c, mesh, CFG, HCFG, tparams, frozen)
   placement.check_batch(c.train.batch_size)
   sc = dataclasses.replace(trainer.step_config(c, CFG, HCFG), rows=placement.rows)

@@ -86,9 +86,12 @@ def test_config_loads_and_is_consistent(path, variant):
   # Training: every parameter matched by a rule, every group with a schedule, an optimizer that builds.
   cfg = _model_config(c)
   trainer.step_config(c, cfg, hcfg)
-  params = jax.eval_shape(lambda k: (lambda b: {"base": b, "medusa": heads_lib.init_params(hcfg, cfg, b)})(
-      model_lib.init_params(cfg, k)), jax.random.PRNGKey(0))
+  params = jax.eval_shape(lambda k: trainer.with_adapters(c, cfg, (lambda b: {
+      "base": b, "medusa": heads_lib.init_params(hcfg, cfg, b)})(model_lib.init_params(cfg, k))), jax.random.PRNGKey(0))
   label_map = trainer.labels(params, c.train.trainable)
+  if "lora" in params:  # adapters train; the base weights stay frozen under them
+    assert all(label_map[p] is None for p in label_map if p.startswith("base/"))
+    assert all(label_map[p] is not None for p in label_map if p.startswith("lora/"))
   assert all(label_map[p] is None for p in label_map if p == "medusa/vocab_ids"), "the draft vocabulary is data"
   assert any(g is not None for p, g in label_map.items() if p.startswith("medusa/")), "the heads must train"
   tparams, _ = trainer.partition(params, label_map)

@@ -50,7 +50,7 @@ from medusa_jax import preemption
 from medusa_jax import runtime
 from medusa_jax import trainer
 
-from conftest import TRAIN_STEPS, load_config, tb_scalars, train_config, without_timing
+from conftest import TRAIN_STEPS, load_config, tb_scalars, tiny_train_parts, train_config, without_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/smollm2_medusa1.py:tiny"
@@ -338,15 +338,9 @@ def test_an_export_killed_half_way_leaves_the_previous_one_whole(run_a, tmp_path
 # ----------------------------------------------------------------------------------------------
 
 def test_a_nonfinite_step_leaves_params_and_the_whole_optimizer_state_bit_identical(data_dir):
-  c = train_config(data_dir)
-  cfg, base, _ = convert.load_model(c.model)
-  hcfg = config_lib.heads_config(c)
-  base = jax.tree.map(jnp.asarray, base)
-  params = {"base": base, "medusa": runtime.random_heads(hcfg, cfg, base)}
-  label_map = trainer.labels(params, c.train.trainable)
-  tparams, frozen = trainer.partition(params, label_map)
-  tx, _ = trainer.make_optimizer(c.train, {k: v for k, v in label_map.items() if v is not None}, c.train.steps)
-  sc = dataclasses.replace(trainer.step_config(c, cfg, hcfg), inject_nonfinite_at=(1,))
+  c, _, _, _, split, sc = tiny_train_parts(data_dir)
+  tparams, frozen, tx = split.tparams, split.frozen, split.tx
+  sc = dataclasses.replace(sc, inject_nonfinite_at=(1,))
   step_fn = jax.jit(lambda t, o, b, s: trainer.train_step(sc, tx, t, o, frozen, b, s))
   src = data_lib.load_split(data_dir, trainer.dataset_name(c), "train")
   batch = next(data_lib.make_loader(src, batch_size=2, seq_len=c.train.seq_len, seed=0))

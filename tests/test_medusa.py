@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from medusa_jax import cpu_kernels
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
 from medusa_jax import medusa
@@ -302,8 +303,9 @@ def test_head_candidates_match_subset_logits(tie, draft_vocab, shared, nxt):
   want = jnp.concatenate([jax.lax.top_k(sub[:, m], k)[1] for m, k in enumerate(spec.tree.segment_topk)], -1)
   if draft_vocab:
     want = med["vocab_ids"][want]
-  for proj in (None, heads_lib.decoding_weights(hcfg, cfg, params).get("proj_VxD")):
-    np.testing.assert_array_equal(np.asarray(medusa.head_candidates(spec, cfg, params, hidden[:, 0], next_B, proj)),
+  for weights in (None, heads_lib.decoding_weights(hcfg, cfg, params),
+                  heads_lib.decoding_weights(hcfg, cfg, params, kernel=cpu_kernels.enabled())):
+    np.testing.assert_array_equal(np.asarray(medusa.head_candidates(spec, cfg, params, hidden[:, 0], next_B, weights)),
                                   np.asarray(want))
   if nxt:  # the next token matters
     other = medusa.head_candidates(spec, cfg, params, hidden[:, 0], next_B + 1)

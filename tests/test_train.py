@@ -33,7 +33,8 @@ from medusa_jax import runtime
 from medusa_jax import trainer
 
 # The shared tiny run and its helpers (conftest.py): tests/test_faults.py interrupts the same run.
-from conftest import DRAFT_VOCAB, TRAIN_STEPS, load_config, tb_scalars, train_config, without_timing
+from conftest import (DRAFT_VOCAB, TRAIN_STEPS, load_config, tb_scalars, tiny_train_parts, train_config,
+                      without_timing)
 
 KILL_AFTER = 6    # the killed run stops here; its newest checkpoint is step 4 (checkpoint_every=4)
 
@@ -140,9 +141,8 @@ def test_one_step_metrics_match_numpy(recipe):
   params = {"base": base, "medusa": medusa}
   batch = _golden_batch(medusa.get("vocab_ids"))
 
-  label_map = trainer.labels(params, c.train.trainable)
-  tparams, frozen = trainer.partition(params, label_map)
-  tx, _ = trainer.make_optimizer(c.train, {k: v for k, v in label_map.items() if v is not None}, c.train.steps)
+  split = trainer.split_for_training(c.train, params)
+  tparams, frozen, tx = split.tparams, split.frozen, split.tx
   sc = trainer.step_config(c, cfg, hcfg)
   _, _, metrics = jax.jit(lambda t, o, f, b: trainer.train_step(sc, tx, t, o, f, b, jnp.asarray(0)))(
       tparams, tx.init(tparams), frozen, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -187,17 +187,10 @@ def _same(a, b) -> bool:
 
 def test_medusa1_leaves_the_backbone_bit_identical(data_dir, run_a):
   """The trainer's own labels -> partition -> train_step x 3 -> merge on a batch of the data."""
-  c = train_config(data_dir)
-  cfg, base, _ = convert.load_model(c.model)
-  hcfg = config_lib.heads_config(c)
-  base = jax.tree.map(jnp.asarray, base)
-  params = {"base": base, "medusa": runtime.random_heads(hcfg, cfg, base)}
-  label_map = trainer.labels(params, c.train.trainable)
-  assert all(g is None for p, g in label_map.items() if p.startswith("base/"))
-  tparams, frozen = trainer.partition(params, label_map)
+  c, _, _, params, split, sc = tiny_train_parts(data_dir)
+  assert all(g is None for p, g in split.label_map.items() if p.startswith("base/"))
+  tparams, frozen, tx = split.tparams, split.frozen, split.tx
   assert set(tparams) == {"medusa"} and "vocab_ids" not in tparams["medusa"]
-  tx, _ = trainer.make_optimizer(c.train, {k: v for k, v in label_map.items() if v is not None}, c.train.steps)
-  sc = trainer.step_config(c, cfg, hcfg)
   step_fn = jax.jit(lambda t, o, f, b, s: trainer.train_step(sc, tx, t, o, f, b, s))
   src = data_lib.load_split(data_dir, trainer.dataset_name(c), "train")
   batch = next(data_lib.make_loader(src, batch_size=2, seq_len=c.train.seq_len, seed=0))
@@ -215,35 +208,125 @@ def test_medusa1_leaves_the_backbone_bit_identical(data_dir, run_a):
     assert json.load(f)["includes_base"] is False
 
 
-def test_medusa2_trains_the_backbone_after_the_heads_only_stage(data_dir, run_a, tmp_path):
-  """Medusa-2 through train_and_evaluate, killed and resumed (its optimizer state has one masked
-  state per group). Its checkpoints hold the backbone: unchanged through the heads-only stage,
-  trained after it; the export holds the trained backbone, and decoding loads it from there."""
-  c = train_config(data_dir, "smollm2_medusa2", steps=5, eval_every=0, checkpoint_every=1, keep_checkpoints=10)
+def _medusa2_config(data_dir, lora: bool, **train):
+  c = train_config(data_dir, "smollm2_medusa2", steps=5, eval_every=0, checkpoint_every=1, keep_checkpoints=10,
+                   **train)
+  if not lora:  # configs/smollm2_medusa2.py:full_backbone
+    c.train.trainable = (("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("base/.*", "backbone"))
+    c.train.lora.rank = 0
+  return c
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full_backbone"])
+def test_medusa2_stages(data_dir, run_a, tmp_path, lora):
+  """Medusa-2 through train_and_evaluate, killed after 3 steps and resumed: the backbone (its LoRA
+  adapters, or every weight) is untouched through the 2 heads-only steps and trained after them;
+  lambda0 ramps from 0 at the first joint step; the export holds the backbone decoding runs on
+  (adapters merged); and the resumed run's losses are an uninterrupted run's."""
+  c = _medusa2_config(data_dir, lora)
   heads_only = c.train.heads_only_steps
-  assert heads_only == 2
+  assert heads_only == 2 and c.train.lambda0_ramp_steps == 2 and c.train.lambda0 == 0.01
   workdir = str(tmp_path / "wd")
   assert trainer.train_and_evaluate(c, workdir, stop_after=3)["step"] == 3
   out = trainer.train_and_evaluate(c, workdir)
-  assert out["step"] == 5 and np.isfinite(out["train"]["loss"]) and out["train"]["lm/kl"] >= -1e-6
+  assert out["step"] == 5 and np.isfinite(out["train"]["loss"])
 
   _, original, _ = convert.load_model(c.model)
   saved = {s: jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(s), "state"))["params"]) for s in (1, heads_only, 5)}
-  for s in (1, heads_only):
-    assert _same(saved[s]["base"], original), f"the backbone changed in heads-only step {s}"
   assert not np.array_equal(saved[1]["medusa"]["w"], saved[heads_only]["medusa"]["w"])
-  unchanged = jax.tree.map(np.array_equal, saved[5]["base"], original)
-  assert not any(jax.tree.leaves(unchanged)), f"every backbone tensor must train: {unchanged}"
+  if lora:
+    assert "base" not in saved[5]  # frozen under the adapters: never saved, never changed
+    for s in (1, heads_only):
+      assert not any(np.any(ad["b"]) for mats in saved[s]["lora"].values() for ad in mats.values()), s
+    assert all(np.any(ad["b"]) for mats in saved[5]["lora"].values() for ad in mats.values())
+    from medusa_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    trained = lora_lib.merge(config_lib.lora_config(c), jax.tree.map(jnp.asarray, original), saved[5]["lora"],
+                             dtype=jnp.float32)
+  else:
+    for s in (1, heads_only):
+      assert _same(saved[s]["base"], original), f"the backbone changed in heads-only step {s}"
+    unchanged = jax.tree.map(np.array_equal, saved[5]["base"], original)
+    assert not any(jax.tree.leaves(unchanged)), f"every backbone tensor must train: {unchanged}"
+    trained = saved[5]["base"]
 
   export = os.path.join(workdir, "export")
   with open(os.path.join(export, "export_meta.json")) as f:
     assert json.load(f)["includes_base"] is True
   loaded = runtime.load(c, checkpoint=export)
-  assert _same(jax.tree.map(np.asarray, loaded.params["base"]), saved[5]["base"])
+  assert _same(jax.tree.map(np.asarray, loaded.params["base"]), jax.tree.map(np.asarray, trained))
   # The draft vocabulary comes from the same data as run A's and is not trained.
   pa, _ = ckpt_lib.load_export(os.path.join(run_a[1], "export"), loaded.cfg, original)
   assert np.array_equal(loaded.params["medusa"]["vocab_ids"], pa["medusa"]["vocab_ids"])
+
+  # lambda0: 1 (the heads loss alone) in the heads-only stage, then 0.01 sin(pi/2 min(1, s/2)) with s
+  # counted from the first joint step; the KL to the original backbone is 0 until the backbone moves
+  # (to rounding: with LoRA the student runs W + A B with B = 0, a different XLA program).
+  killed, resumed = tb_scalars(workdir)
+  logged = {**killed, **resumed}
+  lam = [logged[("train/lambda0", n)] for n in range(1, 6)]
+  np.testing.assert_allclose(lam, [1.0, 1.0, 0.0, 0.01 * np.sin(np.pi / 4), 0.01], rtol=1e-6)
+  assert abs(logged[("train/lm/kl", 3)]) < 1e-6 and logged[("train/lm/kl", 5)] > 1e-4
+  # Resume: the same scalars as one uninterrupted run of the same config.
+  straight = str(tmp_path / "straight")
+  trainer.train_and_evaluate(c, straight)
+  (expected,) = tb_scalars(straight)
+  assert without_timing(logged) == without_timing(expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer: schedules, stages, groups
+# ----------------------------------------------------------------------------------------------
+
+def _cosine(peak, warm, total, s):
+  """optax's warm-up + cosine decay to 0, by hand."""
+  if s < warm:
+    return peak * s / warm
+  return peak * 0.5 * (1 + np.cos(np.pi * min(s - warm, total - warm) / (total - warm)))
+
+
+def test_learning_rate_schedules_by_hand():
+  c = load_config("smollm2_medusa2")
+  tc = c.train
+  tc.update(dict(steps=100, lr=2e-3, warmup_frac=0.1, warmup_steps=0, heads_only_steps=30, backbone_warmup_steps=10,
+                 group_lr_mult=(("heads", 2.0), ("backbone", 0.25), ("extra", 0.5))))
+  sched = trainer.schedules(tc, tc.steps)
+  for s in (0, 5, 10, 31, 64, 99):
+    assert float(sched["heads"](s)) == pytest.approx(_cosine(4e-3, 10, 100, s), rel=1e-4, abs=1e-12), s
+    assert float(sched["extra"](s)) == pytest.approx(_cosine(1e-3, 10, 100, s), rel=1e-4, abs=1e-12), s
+  # The backbone: nothing before step 30, then its own 10-step warm-up and a cosine over 70 steps.
+  for s, want in ((0, 0.0), (29, 0.0), (30, 0.0), (35, 5e-4 * 5 / 10), (40, 5e-4), (65, _cosine(5e-4, 10, 70, 35))):
+    assert float(sched["backbone"](s)) == pytest.approx(want, rel=1e-4, abs=1e-12), s
+
+
+def test_backbone_optimizer_state_begins_with_the_joint_stage():
+  """The first joint step's backbone update equals a fresh AdamW's first update on the same
+  gradient: the heads-only steps before it neither moved the backbone nor advanced its state."""
+  import optax  # pylint: disable=g-import-not-at-top
+  tc = load_config("smollm2_medusa2").train
+  tc.update(dict(steps=50, heads_only_steps=6, backbone_warmup_steps=4))
+  labels = {"medusa/w": "heads", "base/x": "backbone"}
+  tx, _ = trainer.make_optimizer(tc, labels, tc.steps)
+  rng = np.random.default_rng(0)
+  params = {"medusa": {"w": jnp.ones((3, 4))}, "base": {"x": jnp.ones((5,))}}
+  state = tx.init(params)
+  for _ in range(tc.heads_only_steps):  # heads-only: the backbone's gradient is zero (held), or anything
+    g = {"medusa": {"w": jnp.asarray(rng.normal(size=(3, 4)))}, "base": {"x": jnp.asarray(rng.normal(size=5))}}
+    updates, state = tx.update(g, state, params)
+    assert not np.any(np.asarray(updates["base"]["x"]))
+  fn, start = trainer.group_schedules(tc, tc.steps)["backbone"]
+  assert start == 6
+  fresh = optax.chain(optax.clip_by_global_norm(tc.grad_clip), optax.adamw(fn, b1=tc.b1, b2=tc.b2,
+                                                                           weight_decay=tc.weight_decay))
+  fresh_state = fresh.init({"x": params["base"]["x"]})
+  # Two joint steps with different gradients: the second is where a stale step count would show
+  # (bias correction and the warm-up position), and it moves the backbone by about the lr.
+  for k in range(2):
+    g_bb = jnp.asarray(rng.normal(size=5) * 0.1)
+    updates, state = tx.update({"medusa": {"w": jnp.zeros((3, 4))}, "base": {"x": g_bb}}, state, params)
+    want, fresh_state = fresh.update({"x": g_bb}, fresh_state, {"x": params["base"]["x"]})
+    np.testing.assert_allclose(updates["base"]["x"], want["x"], rtol=1e-6, atol=1e-12)
+  assert float(fn(1)) > 0 and np.abs(np.asarray(updates["base"]["x"])).max() > 0.3 * float(fn(1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +376,11 @@ def test_export_loads_in_the_benchmark_and_greedy_medusa_equals_vanilla(run_a, m
   loaded = runtime.load(c, checkpoint="export")
   assert loaded.heads == config_lib.heads_config(c)
   res = benchmark.run(c, prompts=[{"question_id": 1, "text": "hi"}, {"question_id": 2, "text": "Name a color."}],
-                      modes=["vanilla", "medusa"], loaded=loaded)
+                      modes=["vanilla", "medusa"], loaded=loaded, compare_original=True)
+  # Medusa-1 leaves the backbone alone: decoding with the original one gives the same outputs.
+  drift = res["backbone_drift"]
+  assert drift["identical_fraction"] == 1.0 and drift["shared_prefix_tokens"] == [12, 12]
+  assert benchmark.shared_prefix([1, 2, 3, 4], [1, 2, 5]) == 2 and benchmark.shared_prefix([1, 2], [1, 2, 3]) == 2
   van, med = res["modes"]["vanilla"], res["modes"]["medusa"]
   assert [r["tokens"] for r in med["per_prompt"]] == [r["tokens"] for r in van["per_prompt"]]
   assert all(len(r["tokens"]) == 12 for r in van["per_prompt"])
@@ -362,3 +449,45 @@ def test_workdir_of_another_trainable_config_is_refused(data_dir, run_a, tmp_pat
   with pytest.raises(ckpt_lib.CheckpointError, match=r"trained .*medusa/\.\*.*; this config trains .*backbone.*"
                                                     r"fresh --workdir"):
     trainer.train_and_evaluate(train_config(data_dir, "smollm2_medusa2"), workdir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Medusa-1 on cached hidden states
+# ----------------------------------------------------------------------------------------------
+
+def test_cached_hidden_states_train_as_the_forward_does(data_dir, run_a, tmp_path):
+  """config.train.cache_hidden: the same run as run A (the backbone's forward every step), to float
+  rounding: hidden states of an example alone equal its segment's in a packed row. The cache is
+  built once per split and read back by the next run."""
+  from medusa_jax import hidden_cache  # pylint: disable=g-import-not-at-top
+  # 30 steps of 2 rows: past the end of the first epoch (51 examples), where a repeated dataset's
+  # indices run on (run A, the reference, has the first 12 of them).
+  c = train_config(data_dir, cache_hidden=True, steps=30)
+  out = trainer.train_and_evaluate(c, str(tmp_path / "a"))
+  assert out["step"] == 30
+  files = sorted(glob.glob(os.path.join(data_dir, "hidden", "*.npy")))
+  assert len(files) == 4  # train and heldout, each with its offsets
+  (got,) = tb_scalars(str(tmp_path / "a"))
+  _, _, _, want = run_a
+  for key in (("train/loss", 1), ("train/loss", 2), ("train/grad_norm", 1), ("eval/heads_loss", 1)):
+    assert got[key] == pytest.approx(want[key], rel=2e-5), key
+  # The cached states are the forward's, example by example.
+  cfg, base, _ = convert.load_model(c.model)
+  src = data_lib.load_split(data_dir, trainer.dataset_name(c), "train")
+  cache = hidden_cache.load(next(f for f in files if "_train_" in f and not f.endswith(".offsets.npy")))
+  for i in (0, 7):
+    toks = np.asarray(src[i]["tokens"][:c.train.seq_len])[None]
+    L = toks.shape[1]
+    _, h, _ = model_lib.forward(cfg, base, toks, np.arange(L)[None], model_lib.causal_mask(jnp.array([L]), L),
+                                logits=False)
+    np.testing.assert_allclose(cache.hidden_TxD[cache.offsets[i]:cache.offsets[i + 1]], h[0], atol=2e-5)
+  # A second run reads the files instead of building them again.
+  mtimes = [os.path.getmtime(f) for f in files]
+  trainer.train_and_evaluate(train_config(data_dir, steps=1, cache_hidden=True), str(tmp_path / "b"))
+  assert [os.path.getmtime(f) for f in files] == mtimes
+
+
+def test_cached_hidden_states_refuse_a_training_backbone(data_dir, tmp_path):
+  c = train_config(data_dir, "smollm2_medusa2", steps=1, cache_hidden=True)
+  with pytest.raises(ValueError, match="cache_hidden needs a frozen backbone"):
+    trainer.train_and_evaluate(c, str(tmp_path / "wd"))

@@ -1,0 +1,64 @@
+"""The ablation studies (experiments/ablate.py) end to end on the tiny random model: each writes its
+results, table and plot; a rerun skips the points it has measured."""
+
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+
+import ablate  # pylint: disable=wrong-import-position
+
+from medusa_jax import benchmark  # pylint: disable=wrong-import-position
+from medusa_jax import tree as tree_lib  # pylint: disable=wrong-import-position
+
+SMALL = ["--config", os.path.join(REPO, "configs/smollm2_medusa1.py:tiny"), "--num_prompts", "2",
+         "--max_new_tokens", "6", "--sizes", "1,2,4", "--batches", "1,2", "--epsilons", "0.09,0.25"]
+
+
+@pytest.fixture(scope="module")
+def tree_file(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tree") / "tree.json")
+  grown = [[0], [0, 0], [1], [0, 0, 0]]
+  tree_lib.save_choices(path, grown[:2], {"grown_choices": grown})
+  return path
+
+
+@pytest.mark.parametrize("study", ablate.STUDIES)
+def test_study_writes_its_three_files(study, tmp_path, tree_file):
+  ablate.main(["--study", study, *SMALL, "--tree", tree_file, "--out", str(tmp_path)])
+  out = tmp_path / study
+  assert sorted(os.listdir(out)) == sorted(["results.json", "table.md", f"{study}.png"])
+  with open(out / "results.json") as f:
+    res = json.load(f)
+  assert res["meta"]["hardware"]["cpu"] and res["points"]
+  assert (out / "table.md").read_text().startswith(f"# {study}")
+  if study == "stack":
+    assert set(res["points"]) >= {"vanilla", "heads, no tree (top-1 chain)", "release's 64-node tree",
+                                  "calibrated tree"}
+    assert all(p["identical"] in (1.0, None) for p in res["points"].values())  # greedy Medusa == greedy
+
+
+def test_a_rerun_skips_measured_points(tmp_path, tree_file, monkeypatch):
+  args = ["--study", "batch", *SMALL, "--tree", tree_file, "--out", str(tmp_path)]
+  ablate.main(args)
+  calls = []
+  real = benchmark.measure
+  monkeypatch.setattr(benchmark, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+  ablate.main(args)
+  assert calls == []
+  ablate.main([*args[:-4], "--batches", "1,2,4", "--tree", tree_file, "--out", str(tmp_path)])
+  assert len(calls) == 1  # only the new point
+
+
+def test_accelerator_check_runs_on_the_cpu(capsys):
+  """The accelerator check's own code path, on the tiny model and the CPU: one table."""
+  import accelerator_check  # pylint: disable=g-import-not-at-top
+  rows = accelerator_check.main(["--config", os.path.join(REPO, "configs/smollm2_medusa1.py:tiny"),
+                                 "--num_prompts", "2", "--max_new_tokens", "6", "--batches", "1,2"])
+  assert [r["batch"] for r in rows[:2]] == [1, 2] and all(r["identical"] == 1.0 for r in rows[:2])
+  assert rows[-1]["what"].startswith("train step") and rows[-1]["loss finite"]
+  assert "| what |" in capsys.readouterr().out
