@@ -80,11 +80,11 @@ def train_step_row(config, loaded) -> dict:
            "loss_mask": np.ones((B, L), np.int32), "segment_ids": np.ones((B, L), np.int32),
            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()}
   t0 = time.perf_counter()
-  tparams, opt, metrics = step(tparams, opt, frozen, placement.put_batch(batch), jnp.asarray(0))
+  tparams, opt, metrics = step(tparams, opt, frozen, placement.put_batch(batch), jnp.asarray(0), None)
   loss = float(metrics["loss"])
   compile_and_first = time.perf_counter() - t0
   t0 = time.perf_counter()
-  tparams, opt, metrics = jax.block_until_ready(step(tparams, opt, frozen, placement.put_batch(batch), jnp.asarray(1)))
+  tparams, opt, metrics = jax.block_until_ready(step(tparams, opt, frozen, placement.put_batch(batch), jnp.asarray(1), None))
   return {"what": f"train step, mesh {sharding.describe(mesh)}", "batch": B, "seq_len": L,
           "step s": time.perf_counter() - t0, "first step s (with compile)": compile_and_first,
           "loss finite": bool(np.isfinite(loss) and np.isfinite(float(metrics["loss"])))}
