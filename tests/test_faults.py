@@ -287,19 +287,28 @@ def test_preemption_service_save_killed_half_way_resumes_from_the_step_before(in
 
 
 def test_stop_signals_set_a_flag_a_second_signal_acts_at_once_and_handlers_come_back():
+  # Python's own SIGINT handler underneath (an earlier test or library may have left another one).
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _stop_signals_check()
+  finally:
+    signal.signal(signal.SIGINT, outer)
+
+
+def _stop_signals_check():
   before = signal.getsignal(signal.SIGINT)
   with preemption.StopSignals() as stop:
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.01)  # the handler runs between bytecodes of this thread
+    signal.raise_signal(signal.SIGINT)
+    time.sleep(0.01)  # raise_signal: delivered to this (the main) thread, not to one of XLA's
     assert stop.received == "SIGINT"
     with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
       time.sleep(1)
   assert signal.getsignal(signal.SIGINT) is before
   # With JAX's preemption service, SIGINT is handed to it as a SIGTERM (here caught by a stand-in).
   with preemption.StopSignals((signal.SIGTERM,)) as service:
     with preemption.StopSignals((signal.SIGINT,), forward={signal.SIGINT: signal.SIGTERM}):
-      os.kill(os.getpid(), signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
       time.sleep(0.01)
     assert service.received == "SIGTERM"
 
