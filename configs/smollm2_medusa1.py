@@ -7,7 +7,8 @@
   python -m medusa_jax.benchmark --config configs/smollm2_medusa1.py --checkpoint runs/smollm2_medusa1/export \
       --tree runs/smollm2_medusa1/tree.json --modes vanilla,medusa --num_prompts 10 --max_new_tokens 128
 
-Sized for `make demo` on a 2-core CPU (38 minutes end to end on a fresh clone). Variants:
+Sized for `make demo` on a 2-core CPU (about an hour end to end on a fresh clone of an AMD EPYC,
+shared with a test run; the demo prints its own estimate after the first stage). Variants:
 ``:tiny`` (a 2-layer random model, a few steps: the tests' end-to-end run).
 """
 
