@@ -125,7 +125,6 @@ def main(argv=None):
       dp = shared = dec.prepare(shared)
       state = dec.start(dp, [prompt])
       with ablate(ab):
-        jax.clear_caches()  # inner jitted functions must be traced again under this ablation
         step = jax.jit(dec.step, donate_argnums=(1,))
         state = jax.block_until_ready(step(dp, state))  # traced and compiled under the ablation
       programs[ab, label] = [step, dp, state]
