@@ -122,7 +122,10 @@ def main(argv=None):
   parent, child = ctx.Pipe()
   proc = ctx.Process(target=_llamacpp_worker, args=(path, prompts, args.max_new_tokens, args.threads, child))
   proc.start()
-  msg = parent.recv() if parent.poll(600) else {"error": "llama.cpp did not start within 10 minutes"}
+  try:
+    msg = parent.recv() if parent.poll(600) else {"error": "llama.cpp did not start within 10 minutes"}
+  except EOFError:  # the child died while loading the model
+    msg = {"error": f"llama.cpp crashed while loading (exit status {proc.join(30) or proc.exitcode})"}
   skipped = msg.get("error")
 
   rates = {k: [0, 0.0] for k in ours}
@@ -141,13 +144,12 @@ def main(argv=None):
       rates[k][0] += len(outputs[k][-1]) - 1
     if not skipped:
       parent.send(i)
-      if not parent.poll(600):
-        skipped = "llama.cpp stopped answering"
-        break
       try:
-        r = parent.recv()
+        r = parent.recv() if parent.poll(600) else None
       except EOFError:
-        skipped = f"llama.cpp crashed (exit status {proc.exitcode})"
+        r = None
+      if r is None:  # no partial llama.cpp row: its rate would cover fewer prompts than ours
+        skipped = "llama.cpp stopped answering" if proc.is_alive() else f"llama.cpp crashed (exit status {proc.exitcode})"
         rates.pop("llama.cpp F32")
         break
       rates["llama.cpp F32"][0] += len(r["tokens"]) - 1
