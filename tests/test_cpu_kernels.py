@@ -44,7 +44,11 @@ def test_library_builds_and_loads():
   assert cpu_kernels.enabled()
 
 
-@pytest.mark.parametrize("M,D,F", [(1, 64, 32), (3, 40, 100), (8, 64, 96), (9, 17, 64), (70, 33, 40)])
+# Row counts across the kernel's blocking (one block up to 12 rows, then balanced blocks of up to 8:
+# 13 = 7 + 6, 17 = 6 + 6 + 5, 64 = 8 x 8), with output widths that are not multiples of the
+# 32-column panel (its zero padding) and odd inner sizes.
+@pytest.mark.parametrize("M,D,F", [(1, 64, 32), (3, 40, 100), (8, 64, 96), (9, 17, 64), (12, 576, 40), (13, 33, 72),
+                                   (17, 576, 100), (64, 96, 160), (70, 33, 40)])
 def test_matmul_matches_numpy(M, D, F):
   rng = np.random.default_rng(M * 1000 + D)
   x = rng.standard_normal((M, D)).astype(np.float32)
@@ -55,16 +59,26 @@ def test_matmul_matches_numpy(M, D, F):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(D))
 
 
-def test_a_rows_result_does_not_depend_on_its_call():
-  """Bit for bit: a row alone, or among 2, 8 or 19 others, in any position."""
-  rng = np.random.default_rng(1)
-  x = rng.standard_normal((19, 576)).astype(np.float32)
-  packed = cpu_kernels.pack(rng.standard_normal((576, 96)).astype(np.float32))
+def test_matmul_keeps_leading_axes_and_empty_calls():
+  rng = np.random.default_rng(2)
+  w = rng.standard_normal((24, 50)).astype(np.float32)
+  x = rng.standard_normal((2, 3, 24)).astype(np.float32)
   mm = jax.jit(cpu_kernels.matmul, static_argnums=2)
-  full = np.asarray(mm(x, packed, 96))
-  for rows in ([5], [4, 5], list(range(8)), list(range(18, -1, -1))):
-    part = np.asarray(mm(x[rows], packed, 96))
-    np.testing.assert_array_equal(part, full[rows])
+  np.testing.assert_allclose(mm(x, cpu_kernels.pack(w), 50), x @ w, rtol=1e-5, atol=1e-4)
+  assert mm(np.zeros((0, 24), np.float32), cpu_kernels.pack(w), 50).shape == (0, 50)
+
+
+def test_a_rows_result_does_not_depend_on_its_call():
+  """Bit for bit: a row alone, or among up to 63 others (every blocking of the rows), in any position."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((64, 576)).astype(np.float32)
+  packed = cpu_kernels.pack(rng.standard_normal((576, 100)).astype(np.float32))
+  mm = jax.jit(cpu_kernels.matmul, static_argnums=2)
+  alone = np.concatenate([np.asarray(mm(x[r:r + 1], packed, 100)) for r in range(64)])
+  np.testing.assert_array_equal(np.asarray(mm(x, packed, 100)), alone)
+  for rows in ([5], [4, 5], list(range(8)), list(range(12)), list(range(13)), list(range(16)),
+               list(range(18, -1, -1)), list(range(33)), list(range(63, 0, -2))):
+    np.testing.assert_array_equal(np.asarray(mm(x[rows], packed, 100)), alone[rows], err_msg=str(len(rows)))
 
 
 def test_forward_with_packed_weights_matches_xla():
@@ -122,6 +136,7 @@ def test_tuning_is_measured_once_and_cached(monkeypatch, tmp_path):
   calls = []
   monkeypatch.setattr(cpu_kernels, "_time_projections",
                       lambda rows, repeats: calls.append(rows) or [(10.0, 9.0) if n <= 6 else (10.0, 11.0) for n in rows])
+  monkeypatch.setattr(cpu_kernels, "step_paths", lambda *a: pytest.fail("a first use measures no peak"))
   try:
     import os  # pylint: disable=g-import-not-at-top
     os.makedirs(os.path.dirname(cpu_kernels._tuning_path()))  # pylint: disable=protected-access
@@ -164,3 +179,41 @@ def test_build_error_is_clear(monkeypatch, tmp_path):
   monkeypatch.setattr(shutil, "which", lambda name: None)
   with pytest.raises(cpu_kernels.KernelBuildError, match="no C\\+\\+ compiler"):
     cpu_kernels.build(force=True)
+
+
+def test_the_import_never_fails_and_a_missing_build_is_one_log_line(monkeypatch, caplog):
+  """No compiler (or a failed build): ``_load`` says so once, in one line, and decoding keeps XLA's dots."""
+  def failed_build(force=False):
+    raise cpu_kernels.KernelBuildError("c++ failed to build cpu_matmul.cc:\nerror: one\nerror: two")
+  monkeypatch.setattr(cpu_kernels, "build", failed_build)
+  with caplog.at_level("WARNING", logger=cpu_kernels.__name__):
+    assert cpu_kernels._load.__wrapped__() is False  # pylint: disable=protected-access
+  assert [r.levelname for r in caplog.records] == ["WARNING"]
+  message = caplog.records[0].getMessage()
+  assert "\n" not in message and "using XLA's dots instead" in message and "failed to build" in message
+
+
+def test_disabled_kernel_leaves_decoding_to_xla(monkeypatch):
+  monkeypatch.setenv(cpu_kernels.ENV, "0")
+  assert not cpu_kernels.enabled()
+  assert model_lib.pack_weights(CFG, _base(CFG)) is None
+
+
+def test_roofline_and_report():
+  """The bound is max(bytes / bandwidth, flops / peak); the report prints each path's ms, GB/s, GFLOP/s
+  and fraction of it per row count, and why each row count chose its path."""
+  B, F1 = cpu_kernels.STEP_BYTES, cpu_kernels.step_flops(1)
+  rows = [1, 8, 64]
+  record = {"rows": rows, "max_rows": 8, "xla_ms": [30.0, 60.0, 100.0], "kernel_ms": [20.0, 22.0, 110.0],
+            "peak_rows": 256, "peak_ms": {"xla": 256 * F1 / 200e9 * 1e3, "kernel": 400.0},
+            "measured": "now", "cpu": "test CPU"}
+  roof = cpu_kernels.roofline(rows, {"xla": record["xla_ms"], "kernel": record["kernel_ms"]}, record["peak_ms"])
+  assert roof["bandwidth"] == pytest.approx(B / 0.020) and roof["peak"] == pytest.approx(200e9)
+  np.testing.assert_allclose(roof["bound_ms"], [20.0, 20.0, 64 * F1 / 200e9 * 1e3])
+  text = cpu_kernels.report(record)
+  assert f"memory bandwidth {B / 0.020 / 1e9:.1f} GB/s" in text and "compute peak 200 GFLOP/s (256 rows, xla" in text
+  assert "kernel (1.50x faster)" in text and "kernel (2.73x faster)" in text and "XLA (kernel slower)" in text
+  assert "<= 8 rows" in text and "8 rows 1.10x" in text
+  # A record without the peak (a first use's) still reports, with the best measured GFLOP/s as peak.
+  del record["peak_ms"]
+  assert "compute peak" in cpu_kernels.report(record)
