@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-bundled.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-bundled.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -r requirements-bundled.txt
 	$(BIN)/pip install -q -r requirements-test.txt
+	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -m medusa_jax.cpu_kernels || echo "note: no CPU decode kernel; decoding uses XLA's dots"
 	touch $(STAMP)
 

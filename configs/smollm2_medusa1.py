@@ -26,7 +26,7 @@ def get_config(arg=None):
   # chain acceptance 0.62 -> 0.75 tokens/step over one block at 1e-3.
   c.heads.num_layers = 2
   # Heads also read the backbone's next token (not in the paper; heads.py): same data, same steps,
-  # eval head top-1 0.43/0.25/0.21 -> 0.50/0.28/0.23; MT-Bench 1.33 -> 1.42 tokens/step (README).
+  # eval head top-1 0.43/0.25/0.21 -> 0.50/0.28/0.23; MT-Bench 1.33 -> 1.42 tokens/step (docs/results.md).
   # --config.heads.next_token_input=False trains the paper's heads.
   c.heads.next_token_input = True
   c.train.remat_heads = False

@@ -17,14 +17,14 @@ A TPU VM pod slice (v4-32, v5e-64, ...): the same command on every worker (docs/
       .venv/bin/python -m medusa_jax.train --config configs/vicuna7b_medusa1.py:tpu \
       --config.model=/data/vicuna-7b-v1.3 --workdir /mnt/ckpt/vicuna7b_medusa1"
 
-Decoding (the CLIs use one device: bf16 weights are 13.5 GB; ``decode.make_decoder(..., placement=
+Decoding (the CLIs use one device: bf16 weights are 13.5 GB; ``medusa.make_decoder(..., placement=
 sharding.DecodePlacement.from_config(config, cfg, hcfg))`` runs tensor-parallel on ``config.mesh.decode_shape``):
 
   python -m medusa_jax.generate --config configs/vicuna7b_medusa1.py --config.model=/data/vicuna-7b-v1.3 \
       --checkpoint runs/vicuna7b_medusa1/export --prompt "Why is the sky blue?"
 
 ``--config.heads_dir=/data/medusa-vicuna-7b-v1.3`` starts training from the release's published
-heads (``medusa_lm_head.safetensors`` + ``config.json``, read by ``convert.load_medusa_heads``);
+heads (``medusa_lm_head.safetensors`` + ``config.json``, read by ``release_heads.load``);
 ``--heads /data/medusa-vicuna-7b-v1.3`` decodes with them directly.
 
 Variants: ``:gpu8`` (the default: one host, 8 GPUs), ``:tpu`` (a pod slice with a multiple of 16 chips).

@@ -38,16 +38,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-from medusa_jax import benchmark, calibrate, decode, distill, hardware, medusa  # pylint: disable=wrong-import-position
-from medusa_jax import model as model_lib  # pylint: disable=wrong-import-position
-from medusa_jax import runtime  # pylint: disable=wrong-import-position
-from medusa_jax import tree as tree_lib  # pylint: disable=wrong-import-position
+from medusa_jax import benchmark, calibrate, decode, hardware, medusa
+from medusa_jax import model as model_lib
+from medusa_jax import prompts as prompts_lib
+from medusa_jax import runtime
+from medusa_jax import tree as tree_lib
 
 STUDIES = ("stack", "tree-size", "typical", "heads", "batch")
 # The paper's Table 3 (Vicuna-7B, A100, speedup over HF): the row each of ours corresponds to.
@@ -99,7 +98,7 @@ class Results:
 def prompts_of(args, loaded) -> tuple[list[list[int]], list]:
   """Token ids and ids of the study's prompts: MT-Bench first turns or held-out ShareGPT."""
   if args.prompts == "sharegpt_heldout":
-    ps = distill.heldout_eval_prompts(args.config_obj, loaded.tokenizer, args.num_prompts)
+    ps = prompts_lib.heldout_eval_prompts(args.config_obj, loaded.tokenizer, args.num_prompts)
     return [list(p.tokens) for p in ps], [p.id for p in ps]
   ps = runtime.read_jsonl_prompts(args.prompts, args.num_prompts)
   return [runtime.chat_prompt(loaded.tokenizer, p["text"]) for p in ps], [p["question_id"] for p in ps]
@@ -109,7 +108,12 @@ def measure_points(points: dict, loaded_of: dict, args, results: Results, sampli
                    extra=None) -> None:
   """Times each point ``{key: (loaded key, MedusaSpec or None)}`` not yet in ``results`` against
   vanilla decoding of the same backbone in the same loop, and stores its tokens/step, overhead and
-  speedup (and ``extra``), one point at a time (a killed study resumes after the last one)."""
+  speedup (and ``extra``), one point at a time (a killed study resumes after the last one).
+
+  ``identical`` is the fraction of prompts whose output equals vanilla's, for a Medusa point decoded
+  greedily; None where nothing is compared: the vanilla point (it is the reference) and sampling
+  (outputs differ by design).
+  """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   todo = [k for k in points if not results.has(k)]
   for key in tqdm(todo, desc="points", unit="point"):
@@ -126,7 +130,7 @@ def measure_points(points: dict, loaded_of: dict, args, results: Results, sampli
     van = benchmark.summarize(per["vanilla"])
     row = {"vanilla_tok_per_s": van["tok_per_s"], "vanilla_step_ms": 1e3 * van["step_seconds"]}
     if spec is None:
-      row.update(tokens_per_step=1.0, overhead=1.0, speedup=1.0, identical=1.0, nodes=1)
+      row.update(tokens_per_step=1.0, overhead=1.0, speedup=1.0, identical=None, nodes=1)
     else:
       pt = benchmark.summarize(per["point"])
       same, _ = benchmark.compare_outputs(loaded.cfg, loaded.params, token_lists, per["vanilla"], per["point"]) \
@@ -315,7 +319,7 @@ def study_heads(args, loaded_of, results, sampling, out_dir):
     dec = decode.Decoder(base.cfg, decode.Sampling(max_new_tokens=sampling.max_new_tokens))
     dp = dec.prepare(base.params)
     gens = []
-    for idx, outs in distill.batched_generate(dec, dp, token_lists, min(8, len(token_lists)), jax.random.PRNGKey(0)):
+    for idx, outs in decode.batched_generate(dec, dp, token_lists, min(8, len(token_lists)), jax.random.PRNGKey(0)):
       for i, o in zip(idx, outs):
         gens.append((i, o))
     gens = [o for _, o in sorted(gens)]

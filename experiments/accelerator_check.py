@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-from medusa_jax import benchmark, decode, hardware, medusa, runtime, sharding, trainer  # pylint: disable=wrong-import-position
-from medusa_jax import tree as tree_lib  # pylint: disable=wrong-import-position
+from medusa_jax import benchmark, decode, hardware, medusa, optim, runtime, sharding, trainer
+from medusa_jax import tree as tree_lib
 
 
 def _config(spec: str, overrides):
@@ -65,14 +61,14 @@ def train_step_row(config, loaded) -> dict:
   """One Medusa-1 train step jitted over every device (the trainer's own partition and shardings)."""
   tc = config.train
   params = loaded.params
-  split = trainer.split_for_training(tc, params)
+  split = optim.split_for_training(tc, params)
   tparams, frozen, tx = split.tparams, split.frozen, split.tx
   mesh = sharding.make_mesh(config)
   placement = sharding.TrainPlacement(config, mesh, loaded.cfg, loaded.heads, tparams, frozen)
   B = placement.batch_divisor * max(1, tc.batch_size // placement.batch_divisor)
   sc = dataclasses.replace(trainer.step_config(config, loaded.cfg, loaded.heads), rows=placement.rows)
   tparams, frozen = placement.put(tparams, frozen)
-  opt = jax.jit(tx.init, out_shardings=placement.opt_shardings(tx))(tparams)
+  state = optim.init_state(tx, placement, tparams)
   step = trainer.jit_train_step(sc, tx, placement, False)
   L = int(tc.seq_len)
   rng = np.random.default_rng(0)
@@ -80,11 +76,11 @@ def train_step_row(config, loaded) -> dict:
            "loss_mask": np.ones((B, L), np.int32), "segment_ids": np.ones((B, L), np.int32),
            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()}
   t0 = time.perf_counter()
-  tparams, opt, metrics = step(tparams, opt, frozen, placement.put_batch(batch), jnp.asarray(0), None)
+  state, metrics = step(state, frozen, placement.put_batch(batch), None)
   loss = float(metrics["loss"])
   compile_and_first = time.perf_counter() - t0
   t0 = time.perf_counter()
-  tparams, opt, metrics = jax.block_until_ready(step(tparams, opt, frozen, placement.put_batch(batch), jnp.asarray(1), None))
+  state, metrics = jax.block_until_ready(step(state, frozen, placement.put_batch(batch), None))
   return {"what": f"train step, mesh {sharding.describe(mesh)}", "batch": B, "seq_len": L,
           "step s": time.perf_counter() - t0, "first step s (with compile)": compile_and_first,
           "loss finite": bool(np.isfinite(loss) and np.isfinite(float(metrics["loss"])))}

@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-from medusa_jax import bundled, convert, decode, hardware, runtime  # pylint: disable=wrong-import-position
+from medusa_jax import bundled, convert, decode, hardware, runtime
 
 
 def main():

@@ -20,12 +20,9 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # pylint: disable=wrong-import-position
+import numpy as np
 
 
 def f32_gguf(src: str, dst: str) -> str:

@@ -19,16 +19,13 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-
-from medusa_jax import cpu_kernels, decode, hardware, medusa, model, runtime  # pylint: disable=wrong-import-position
-from medusa_jax import tree as tree_lib  # pylint: disable=wrong-import-position
+from medusa_jax import cpu_kernels, decode, hardware, medusa, model, runtime
+from medusa_jax import tree as tree_lib
 
 
 def _cheap(x, out_features):

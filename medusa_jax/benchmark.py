@@ -1,4 +1,4 @@
-"""Decode-speed benchmark: vanilla vs Medusa on the same prompts, in the same run.
+r"""Decode-speed benchmark: vanilla vs Medusa on the same prompts, in the same run.
 
   python -m medusa_jax.benchmark --config configs/smollm2.py --prompts mt_bench --num_prompts 10 \
       --max_new_tokens 128 --modes vanilla,medusa --heads random --tree mc_sim_7b_63 --out runs/results.json
@@ -11,6 +11,10 @@ decode tokens / decoding steps; ``overhead`` = Medusa step time / vanilla step t
 Medusa tok/s / vanilla tok/s. Greedy outputs are compared with vanilla's; for each prompt that
 differs, the first differing position and vanilla's top-2 logit gap there are reported (fp32 sums in
 another order may flip a near-tie, and nothing else may).
+
+Under several processes (``medusa_jax.launch``, a pod slice: the same command on every host) the
+model is sharded over ``config.mesh.decode_shape`` across all their devices and every host decodes
+the same prompts with the others; process 0 alone prints and writes ``--out``.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from medusa_jax import cli
 from medusa_jax import entry
-from medusa_jax import config as config_lib
-from medusa_jax import decode, hardware, medusa, model, runtime
+from medusa_jax import convert
+from medusa_jax import decode, hardware, medusa, model, runtime, sharding
+from medusa_jax import prompts as prompts_lib
 
 _PROMPTS = flags.DEFINE_string("prompts", "mt_bench", "MT-Bench-style jsonl ('mt_bench' = the 80 bundled "
                                "MT-Bench questions; first turns are used), or 'sharegpt_heldout': held-out "
@@ -62,9 +68,8 @@ def backbone_drift(config, loaded: runtime.Loaded, token_lists, tuned_outputs: l
   """Greedy decoding with the original backbone (``config.model``) on the same prompts, against the
   tuned backbone's (Medusa-2): tokens shared before the first divergence, and how many outputs are
   identical. Quality kept means these stay high."""
-  from medusa_jax import convert  # pylint: disable=g-import-not-at-top
-  _, original, _ = convert.load_model(config.model, **config_lib.model_overrides(config))
-  dec = decode.Decoder(loaded.cfg, config_lib.sampling(config))
+  _, original, _ = convert.load_model(config.model, **runtime.model_overrides(config))
+  dec = decode.Decoder(loaded.cfg, decode.sampling_from(config))
   dp = dec.prepare({"base": jax.tree.map(jnp.asarray, original)})
   outs = [dec.generate(dp, [t])[0][0] for t in token_lists]
   shared = [shared_prefix(a, b) for a, b in zip(outs, tuned_outputs)]
@@ -116,7 +121,6 @@ def measure(entries: dict, token_lists: list[list[int]], question_ids: list, *, 
         warmed.add(key)
         d.generate(dp, batch, rng)
   per = {name: [] for name in entries}
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   for g in tqdm(groups, desc=progress, unit="batch", disable=progress is None):
     batch = [token_lists[i] for i in g]
     for name, (d, dp) in entries.items():
@@ -133,20 +137,21 @@ def run(config, prompts: list[dict], modes: list[str], loaded: runtime.Loaded, b
         compare_original: bool = False) -> dict:
   """Times the modes on the prompts (see the module docstring); ``compare_original`` also decodes
   with the original backbone to measure how far a tuned one (Medusa-2) drifted."""
-  sampling = config_lib.sampling(config)
+  sampling = decode.sampling_from(config)
   entries = {}
-  shared = loaded.params
+  placement, shared = runtime.decode_placement(config, loaded)
   for mode in modes:
     if mode not in ("vanilla", "medusa"):
       raise ValueError(f"Unknown mode {mode!r}: use vanilla and/or medusa.")
-    spec = config_lib.medusa_spec(config, loaded.heads) if mode == "medusa" else None
-    d = medusa.make_decoder(loaded.cfg, sampling, spec)
+    spec = medusa.spec_from(config, loaded.heads) if mode == "medusa" else None
+    d = medusa.make_decoder(loaded.cfg, sampling, spec, placement=placement)
     # Prepared once; the modes share one packed copy of the backbone for the CPU kernel.
     entries[mode] = (d, d.prepare(shared))
     shared = entries[mode][1]
   token_lists = [runtime.chat_prompt(loaded.tokenizer, p["text"]) for p in prompts]
   per = measure(entries, token_lists, [p["question_id"] for p in prompts], cfg=loaded.cfg, sampling=sampling,
-                rng=jax.random.PRNGKey(config.seed), batch_size=batch_size)
+                rng=jax.random.PRNGKey(config.seed), batch_size=batch_size,
+                progress="benchmark" if jax.process_index() == 0 else None)
   results = {"modes": {mode: summarize(rows) for mode, rows in per.items()}, "hardware": hardware.info(),
              "config": json.loads(config.to_json_best_effort()), "num_prompts": len(prompts),
              "batch_size": batch_size}
@@ -187,20 +192,41 @@ def _includes_base(export: str) -> bool:
     return bool(json.load(f).get("includes_base"))
 
 
+_BUILTIN_PROMPTS = ("mt_bench", "sharegpt_heldout")
+
+
+def check_flags(config) -> None:
+  """This tool's flags, checked before the model loads (a typo should not cost the load)."""
+  bad = [m for m in _MODES.value if m not in cli.MODES]
+  if bad or not _MODES.value:
+    raise ValueError(f"--modes {','.join(_MODES.value)}: use a comma-separated list of {', '.join(cli.MODES)}.")
+  if _PROMPTS.value not in _BUILTIN_PROMPTS and not os.path.isfile(_PROMPTS.value):
+    raise ValueError(f"--prompts {_PROMPTS.value}: no such file; pass an MT-Bench-style jsonl or a built-in set: "
+                     f"{' or '.join(_BUILTIN_PROMPTS)}.")
+  for flag in (_NUM, _BATCH):
+    if flag.value < 1:
+      raise ValueError(f"--{flag.name} must be at least 1, not {flag.value}.")
+  if "medusa" in _MODES.value:
+    cli.check_medusa(config, vanilla="--modes vanilla")
+
+
 def main(argv):
   del argv
   runtime.quiet_jax_logs()
   config = cli.config()
+  check_flags(config)
+  sharding.maybe_initialize_distributed(config)  # before anything touches the devices
+  # A prompts file is read before the model loads: a malformed one costs a second, not the load.
+  prompts = None if _PROMPTS.value == "sharegpt_heldout" else runtime.read_jsonl_prompts(_PROMPTS.value, _NUM.value)
   loaded = runtime.load(config, heads=cli.HEADS.value, checkpoint=cli.CHECKPOINT.value)
-  if _PROMPTS.value == "sharegpt_heldout":
-    from medusa_jax import distill  # pylint: disable=g-import-not-at-top
+  if prompts is None:  # rendered with the tokenizer, so after the load
     prompts = [{"question_id": p.id, "text": p.text}
-               for p in distill.heldout_eval_prompts(config, loaded.tokenizer, _NUM.value)]
-  else:
-    prompts = runtime.read_jsonl_prompts(_PROMPTS.value, _NUM.value)
+               for p in prompts_lib.heldout_eval_prompts(config, loaded.tokenizer, _NUM.value)]
   # An export that holds a trained backbone (Medusa-2): also measure how far it moved from the original.
   tuned = cli.CHECKPOINT.value and "base" in loaded.params and _includes_base(cli.CHECKPOINT.value)
   results = run(config, prompts, _MODES.value, loaded, _BATCH.value, compare_original=bool(tuned))
+  if jax.process_index() != 0:  # every host holds the same results: one prints and writes them
+    return
   print_table(results)
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
@@ -209,5 +235,10 @@ def main(argv):
     print(f"  wrote {_OUT.value}")
 
 
-if __name__ == "__main__":
+def run_cli():
+  """The console script (`medusa-benchmark`): `main` with one-line errors."""
   entry.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

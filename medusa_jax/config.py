@@ -1,13 +1,17 @@
-"""The config schema: defaults, validation, and conversion to frozen dataclasses.
+"""The config schema: defaults and variants (``configs/x.py:tiny,lora``).
 
 Config files in ``configs/`` start from ``default_config()`` and change what they need; the CLIs load
 them with ``config_flags.DEFINE_config_file(..., lock_config=True)``, so an unknown key in a file or
 an override such as ``--config.trian.steps=3`` fails at once with the list of valid keys. Modules never
-see a ConfigDict: ``model_config``/``heads_config``/``sampling``/``medusa_spec`` turn it into
-hashable dataclasses at the boundary.
+see a ConfigDict: each turns the part it reads into its hashable dataclass at the boundary
+(``heads.config_from``, ``lora.config_from``, ``decode.sampling_from``, ``medusa.spec_from``,
+``runtime.model_overrides``), so this schema imports nothing of the decoding stack.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import ml_collections
 
@@ -31,8 +35,9 @@ def default_config() -> ConfigDict:
   # is unchanged; their LM projection shrinks V/N times, for training and for decoding).
   # next_token_input: heads also read the backbone's next token (not in the paper; heads.py).
   # kind: medusa (the paper's heads) | sequential (Hydra-style: head m also reads its drafted path).
+  # prefix_layer: one decoder layer over the backbone's hidden states feeds the heads (Hydra++; heads.py).
   c.heads = ConfigDict(dict(num_heads=5, num_layers=1, shared_lm_head=True, draft_vocab=0,
-                            next_token_input=False, kind="medusa"))
+                            next_token_input=False, kind="medusa", prefix_layer=False))
 
   c.decode = ConfigDict(dict(
       mode="vanilla",          # vanilla | medusa
@@ -83,7 +88,7 @@ def default_config() -> ConfigDict:
       heads_kl_mix=0.5,
       heads_kl_temperature=1.0,  # the backbone's distribution as a target: softmax(logits / T)
       remat_heads=True,       # recompute each head's [B, L, V] logits in the backward pass (memory)
-      # Medusa-1 on one process: the frozen backbone's hidden states of every example computed once
+      # Medusa-1: the frozen backbone's hidden states of every example computed once (on each host)
       # (cached under data.data_dir/hidden) and looked up per batch, instead of a forward per step.
       cache_hidden=False,
       # Which parameters train, as (regex over 'base/layers_0/wq'-style paths, group or None).
@@ -188,42 +193,8 @@ def tiny(c: ConfigDict) -> None:
 def sibling_config(config_file: str, name: str):
   """Loads another file of ``configs/`` as a module, by path: configs are loaded by path (not as a
   package), so a variant such as Medusa-2 builds on its Medusa-1 file this way."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(name.removesuffix(".py"),
                                                 os.path.join(os.path.dirname(config_file), name))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
-
-
-def model_overrides(config: ConfigDict) -> dict:
-  return {"dtype": config.dtype, "param_dtype": "float32"}
-
-
-def heads_config(config: ConfigDict):
-  from medusa_jax import heads  # pylint: disable=g-import-not-at-top
-  return heads.HeadsConfig(**config.heads.to_dict())
-
-
-def lora_config(config: ConfigDict):
-  """The backbone's LoRA setting (``lora.LoraConfig``), or None without adapters."""
-  from medusa_jax import lora  # pylint: disable=g-import-not-at-top
-  lc = config.train.lora
-  return lora.LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha), targets=lc.targets) if int(lc.rank) > 0 else None
-
-
-def sampling(config: ConfigDict):
-  from medusa_jax import decode  # pylint: disable=g-import-not-at-top
-  d = config.decode
-  return decode.Sampling(temperature=float(d.temperature), top_p=float(d.top_p),
-                         max_new_tokens=int(d.max_new_tokens))
-
-
-def medusa_spec(config: ConfigDict, hcfg=None, tree_spec: str | None = None):
-  from medusa_jax import medusa, tree  # pylint: disable=g-import-not-at-top
-  hcfg = hcfg or heads_config(config)
-  d = config.decode
-  return medusa.MedusaSpec(heads=hcfg, tree=tree.resolve(tree_spec or d.tree, num_heads=hcfg.num_heads),
-                           acceptance=d.acceptance, typical_epsilon=float(d.typical_epsilon),
-                           typical_delta=float(d.typical_delta), typical_bonus=d.typical_bonus)

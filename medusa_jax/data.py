@@ -1,16 +1,13 @@
-"""Training data: ShareGPT parsing, chat rendering with an assistant-only loss mask, TFDS storage, grain batches.
+"""Training data: conversations stored as a TFDS dataset with a loss mask, and batched with grain.
 
-The pipeline has three stages, each usable on its own:
+Two stages, each usable on its own:
 
-1. ``iter_sharegpt(path)`` streams conversations out of a ShareGPT JSON array one record at a time.
-   The bundled file is cut off mid-record, so a strict ``json.load`` fails; we decode record by
-   record and skip (and count) what cannot be used.
-2. ``build_dataset(data_dir, conversations, tokenizer, ...)`` renders each conversation with the
-   tokenizer's chat template into ``tokens`` and a ``loss_mask`` (1 on the assistant replies and their
-   end-of-turn token), splits it deterministically into ``train`` / ``heldout`` by hashing the
-   conversation id, and writes an ArrayRecord dataset through TFDS. ``load_split`` reads it back as
-   a random-access source with no TensorFlow involved.
-3. ``make_loader(source, ...)`` shuffles, shards across hosts, pads or packs and batches with grain.
+1. ``build_dataset(data_dir, conversations, tokenizer, ...)`` renders each conversation with
+   ``chat.render_example`` (``tokens`` and a ``loss_mask`` on the assistant replies), splits it
+   deterministically into ``train`` / ``heldout`` by hashing the conversation id, and writes an
+   ArrayRecord dataset through TFDS. ``load_split`` reads it back as a random-access source with no
+   TensorFlow involved. ``prepare_sharegpt`` does this for the ShareGPT file (``sharegpt.py``).
+2. ``make_loader(source, ...)`` shuffles, shards across hosts, pads or packs and batches with grain.
    The returned iterator's ``get_state()`` / ``set_state()`` make the data position part of a
    checkpoint.
 
@@ -18,11 +15,11 @@ Batch layout (B batch, L ``seq_len``), all int32 NumPy arrays:
   ``tokens_BxL``       token ids, 0 on padding;
   ``loss_mask_BxL``    1 where the token is an assistant token to be predicted (a *target*), else 0;
   ``segment_ids_BxL``  1, 2, ... per packed sequence, 0 on padding (always 1 per row when unpacked);
-  ``positions_BxL``    position inside its own sequence (restarts per segment), 0 on padding.
+  ``positions_BxL``    position inside its own sequence (restarts per segment), 0 on padding;
+  ``id_BxL``           1 + the example's index in the source on each of its tokens, 0 on padding: a
+                       batch's examples are its distinct nonzero ids (the train step never reads it).
 
-Self-distillation reuses stage 2 with conversations it generated itself: anything shaped like a
-ShareGPT record (``{'id', 'conversations': [{'from', 'value'}, ...]}``) or an OpenAI-style message
-list (``[{'role', 'content'}, ...]``) is accepted.
+Self-distillation builds with conversations it generated itself (any shape ``chat.py`` accepts).
 
 This module must stay free of JAX: the caller passes ``jax.process_index()`` / ``process_count()``.
 """
@@ -30,325 +27,26 @@ This module must stay free of JAX: the caller passes ``jax.process_index()`` / `
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+from medusa_jax import bundled
+from medusa_jax import chat
+from medusa_jax import sharegpt
 
 _log = logging.getLogger(__name__)
 
-# ShareGPT speaker names -> chat-template roles. ShareGPT V3 uses "human"/"gpt" almost everywhere;
-# the other assistant names appear in ShareGPT variants scraped from other chatbots.
-ROLE_MAP = {
-    'human': 'user', 'user': 'user',
-    'gpt': 'assistant', 'chatgpt': 'assistant', 'bard': 'assistant', 'bing': 'assistant',
-    'assistant': 'assistant', 'model': 'assistant',
-    'system': 'system',
-}
-
-_NON_WS = re.compile(r'\S')
-# Where a ShareGPT record starts; used only to resynchronise after a syntax error in mid-file.
-_RECORD_START = re.compile(r'\{\s*"id"\s*:')
 # ShareGPT V3 cuts long conversations into parts "<id>_0", "<id>_1", ...; hashing the stem keeps all
 # parts of one conversation in the same split, so heldout text never leaks into training.
 _PART_SUFFIX = re.compile(r'_\d+$')
-
-
-# --------------------------------------------------------------------------------------------------
-# ShareGPT streaming
-# --------------------------------------------------------------------------------------------------
-
-class _Buffer:
-  """A sliding text window over a file: holds the record being decoded plus unread look-ahead."""
-
-  def __init__(self, f: io.TextIOBase, chunk_chars: int):
-    self.f, self.chunk_chars = f, chunk_chars
-    self.text, self.pos, self.eof = '', 0, False
-
-  def more(self) -> bool:
-    """Reads more text; False at end of file."""
-    if self.eof:
-      return False
-    if self.pos:  # Forget what was consumed so memory tracks one record, not the file.
-      self.text, self.pos = self.text[self.pos:], 0
-    # Growing the read with the buffer keeps re-decoding a record bigger than a chunk linear in
-    # its size rather than quadratic.
-    data = self.f.read(max(self.chunk_chars, len(self.text)))
-    if not data:
-      self.eof = True
-      return False
-    self.text += data
-    return True
-
-  def peek(self) -> str | None:
-    """Skips whitespace and returns the next character, or None at end of file."""
-    while True:
-      m = _NON_WS.search(self.text, self.pos)
-      if m:
-        self.pos = m.start()
-        return self.text[self.pos]
-      self.pos = len(self.text)
-      if not self.more():
-        return None
-
-  def resync(self) -> bool:
-    """Moves to the next record start after the current position; False if there is none."""
-    start = self.pos + 1
-    while True:
-      m = _RECORD_START.search(self.text, start)
-      if m:
-        self.pos = m.start()
-        return True
-      # Keep a short tail, as a record start may straddle the read boundary, but never the record
-      # being skipped.
-      self.pos = max(start, len(self.text) - 16)
-      if not self.more():
-        return False
-      start = 0
-
-
-def _iter_json_array(f, stats: dict, chunk_chars: int,
-                     max_record_chars: int) -> Iterator[Any]:
-  """Yields the values of a top-level JSON array one at a time, tolerating truncation."""
-  decoder = json.JSONDecoder()
-  buf = _Buffer(f, chunk_chars)
-  if buf.peek() != '[':
-    _log.error('Not a JSON array; nothing read.')
-    stats['malformed'] += 1
-    return
-  buf.pos += 1
-  expect_value, first = True, True
-  while True:
-    c = buf.peek()
-    if c is None:  # The array was never closed: the file is truncated.
-      stats['truncated_tail'] = 1
-      return
-    if c == ']' and (first or not expect_value):
-      return
-    if not expect_value:
-      if c == ',':
-        buf.pos += 1
-        expect_value = True
-        continue
-      stats['malformed'] += 1  # Junk between records.
-      if not buf.resync():
-        stats['truncated_tail'] = 1
-        return
-      expect_value = True
-      continue
-    try:
-      obj, end = decoder.raw_decode(buf.text, buf.pos)
-    except json.JSONDecodeError:
-      # Usually the record continues past the buffer; read on unless the record is implausibly
-      # large, which means a syntax error that more text will not fix.
-      if len(buf.text) - buf.pos <= max_record_chars and buf.more():
-        continue
-      if buf.resync():
-        stats['malformed'] += 1
-        continue
-      stats['truncated_tail'] = 1  # An undecodable record with nothing after it.
-      return
-    if end == len(buf.text) and not buf.eof and buf.more():
-      continue  # A bare number could go on in the next chunk; decode it again with more text.
-    buf.pos = end
-    first, expect_value = False, False
-    yield obj
-
-
-def _turn_role_and_text(turn: Any) -> tuple[str, str] | None:
-  """(template role, text) of one ShareGPT or OpenAI-style turn; None if it is not one."""
-  if not isinstance(turn, Mapping):
-    return None
-  speaker = turn.get('from', turn.get('role'))
-  text = turn.get('value', turn.get('content'))
-  if not isinstance(speaker, str) or not isinstance(text, str):
-    return None
-  role = ROLE_MAP.get(speaker.strip().lower())
-  return None if role is None else (role, text)
-
-
-def _clean_record(obj: Any, index: int) -> dict | None:
-  """A ShareGPT record in canonical form, or None when it is malformed."""
-  if not isinstance(obj, Mapping):
-    return None
-  turns = obj.get('conversations')
-  if not isinstance(turns, list) or not turns:
-    return None
-  clean = []
-  for turn in turns:
-    if _turn_role_and_text(turn) is None:
-      return None
-    clean.append({'from': turn.get('from', turn.get('role')),
-                  'value': turn.get('value', turn.get('content'))})
-  rid = obj.get('id')
-  # Ids decide the split; a positional id is still deterministic for a given file.
-  rid = str(rid) if isinstance(rid, (str, int)) and str(rid) else f'record_{index}'
-  return {'id': rid, 'conversations': clean}
-
-
-def iter_sharegpt(path: str, stats: dict | None = None, *, chunk_chars: int = 1 << 20,
-                  max_record_chars: int = 1 << 26) -> Iterator[dict]:
-  """Streams ``{'id': str, 'conversations': [{'from': str, 'value': str}, ...]}`` from a ShareGPT file.
-
-  Records are decoded one by one from a sliding buffer (memory ~ one record + ``chunk_chars``).
-  Records that are not dicts, lack a non-empty ``conversations`` list, or contain a turn with an
-  unknown speaker or a non-string value are skipped; so is an incomplete record at the end of the
-  file. Nothing here raises on bad data.
-
-  Args:
-    path: the JSON file (a top-level array of records).
-    stats: optional dict, filled with counts ``records`` (values decoded), ``kept`` (yielded),
-      ``malformed`` (skipped, including undecodable spans in mid-file) and ``truncated_tail``
-      (1 if the file ends inside the array).
-    chunk_chars: characters read at a time.
-    max_record_chars: a record that does not decode within this many characters is treated as a
-      syntax error and skipped, which bounds memory on corrupt files.
-
-  Yields:
-    Canonical records, in file order.
-  """
-  if stats is None:
-    stats = {}
-  for key in ('records', 'kept', 'malformed', 'truncated_tail'):
-    stats.setdefault(key, 0)
-  try:
-    with open(path, encoding='utf-8', errors='replace') as f:
-      for obj in _iter_json_array(f, stats, chunk_chars, max_record_chars):
-        stats['records'] += 1
-        record = _clean_record(obj, stats['records'] - 1)
-        if record is None:
-          stats['malformed'] += 1
-          continue
-        stats['kept'] += 1
-        yield record
-  finally:
-    # Also runs when the consumer stops early (max_examples), so the counts are then partial.
-    _log.info('ShareGPT %s: %d records, %d kept, %d malformed, truncated tail: %d',
-              os.path.basename(path), stats['records'], stats['kept'], stats['malformed'],
-              stats['truncated_tail'])
-
-
-# --------------------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------------------
-
-def _turns(conversation: Any) -> list | None:
-  if isinstance(conversation, Mapping):
-    conversation = conversation.get('conversations', conversation.get('messages'))
-  return conversation if isinstance(conversation, (list, tuple)) else None
-
-
-def to_messages(conversation: Any) -> list[dict] | None:
-  """Chat-template messages ``[{'role', 'content'}, ...]`` for training, or None if unusable.
-
-  Keeps an optional leading non-empty system turn, skips assistant turns before the first user
-  turn, then keeps the longest strictly alternating user/assistant prefix without empty turns and
-  drops a trailing user turn (it has no reply to learn). None when no assistant reply remains or a
-  speaker is unknown.
-  """
-  turns = _turns(conversation)
-  if not turns:
-    return None
-  pairs = [_turn_role_and_text(t) for t in turns]
-  if any(p is None for p in pairs):
-    return None
-  messages = []
-  if pairs[0][0] == 'system':
-    # An empty system turn is dropped so the template's default system prompt applies, as it
-    # will at inference time.
-    if pairs[0][1].strip():
-      messages.append({'role': 'system', 'content': pairs[0][1]})
-    pairs = pairs[1:]
-  # ShareGPT V3 cuts long conversations into parts, and a later part usually opens with the reply
-  # to a prompt left in the previous part. That orphan reply is dropped (as the original Medusa /
-  # FastChat preprocessing does) and the part is kept from its first user turn on.
-  while pairs and pairs[0][0] == 'assistant':
-    pairs = pairs[1:]
-  expected = 'user'
-  for role, text in pairs:
-    if role != expected or not text.strip():
-      break
-    messages.append({'role': role, 'content': text})
-    expected = 'assistant' if role == 'user' else 'user'
-  if messages and messages[-1]['role'] == 'user':
-    messages.pop()
-  if not any(m['role'] == 'assistant' for m in messages):
-    return None
-  return messages
-
-
-def first_user_prompt(conversation: Any) -> str | None:
-  """The text of the first human/user turn (the prompt self-distillation replies to), or None."""
-  for turn in _turns(conversation) or ():
-    pair = _turn_role_and_text(turn)
-    if pair is not None and pair[0] == 'user' and pair[1].strip():
-      return pair[1]
-  return None
-
-
-def _assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
-  """The rendered text and the [start, end) character span of each assistant reply + end token.
-
-  The span of reply i runs from the end of the template applied to ``messages[:i]`` with the
-  generation prompt (so the ``<|im_start|>assistant\\n`` header is excluded) to the last end-of-turn
-  token rendered by ``messages[:i+1]`` (so the newline the template puts after it is excluded).
-  None if the template is not prefix-stable (rendering a longer conversation changes earlier text).
-  """
-  text = tokenizer.apply_chat_template(messages, tokenize=False)
-  eos = tokenizer.eos_token or ''
-  spans = []
-  for i, message in enumerate(messages):
-    if message['role'] != 'assistant':
-      continue
-    head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-    upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
-    if not (upto.startswith(head) and text.startswith(upto)):
-      return None
-    reply = upto[len(head):]
-    cut = reply.rfind(eos) if eos else -1
-    end = len(head) + (cut + len(eos) if cut >= 0 else len(reply.rstrip()))
-    spans.append((len(head), end))
-  return text, spans
-
-
-def render_example(tokenizer, conversation: Any, max_len: int) -> dict | None:
-  """Tokenises a conversation with the chat template; the mask covers only assistant replies.
-
-  Args:
-    tokenizer: a fast Hugging Face tokenizer with a chat template (offsets are needed).
-    conversation: a ShareGPT record, a list of ShareGPT turns, or a list of role/content messages.
-    max_len: keep at most this many tokens (truncating the end of the conversation).
-
-  Returns:
-    ``{'tokens': int32[L], 'loss_mask': int32[L]}`` with L <= max_len, where ``loss_mask`` is 1 on
-    each token lying wholly inside an assistant reply or its closing end-of-turn token; or None
-    when the conversation is unusable (see ``to_messages``) or no masked token survives truncation.
-  """
-  messages = to_messages(conversation)
-  if messages is None:
-    return None
-  rendered = _assistant_char_spans(tokenizer, messages)
-  if rendered is None:
-    return None
-  text, spans = rendered
-  enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-  tokens = np.asarray(enc['input_ids'][:max_len], np.int32)
-  offsets = np.asarray(enc['offset_mapping'][:max_len], np.int64).reshape(-1, 2)
-  mask = np.zeros(len(tokens), np.int32)
-  for start, end in spans:
-    # Whole tokens only: a token straddling the header/reply boundary stays unmasked, so the mask
-    # never reaches into template text.
-    mask |= ((offsets[:, 0] >= start) & (offsets[:, 1] <= end)
-             & (offsets[:, 1] > offsets[:, 0])).astype(np.int32)
-  if not mask.any():
-    return None
-  return {'tokens': tokens, 'loss_mask': mask}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +133,6 @@ class MedusaChat(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _render_all(self) -> tuple[list, list, dict]:
     """Renders the source once (it may be a one-pass iterator) into the two splits."""
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     if self._conversations is None or self._tokenizer is None or not self._max_len:
       raise ValueError('MedusaChat needs conversations, a tokenizer and max_len to build.')
     train, heldout, scores = [], [], []
@@ -446,7 +143,7 @@ class MedusaChat(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if self._max_examples is not None and len(train) + len(heldout) >= self._max_examples:
         break
       counts['conversations'] += 1
-      example = render_example(self._tokenizer, conversation, self._max_len + 1)
+      example = chat.render_example(self._tokenizer, conversation, self._max_len + 1)
       if example is None:
         counts['unusable'] += 1
         continue
@@ -522,7 +219,7 @@ def build_dataset(data_dir: str, conversations: Iterable[Any], tokenizer, *, nam
 
   Args:
     data_dir: root directory for TFDS datasets.
-    conversations: iterable of records (see ``render_example``); consumed once. Records with an
+    conversations: iterable of records (see ``chat.render_example``); consumed once. Records with an
       ``'id'`` are split by its hash, others by their position.
     tokenizer: fast Hugging Face tokenizer with a chat template.
     name: dataset (TFDS config) name; stands for the source.
@@ -578,11 +275,10 @@ def prepare_sharegpt(data_dir: str, tokenizer, *, max_len: int, max_examples: in
   ``sharegpt_l512_n64``; pass ``name`` to choose another.
   """
   if path is None:
-    from medusa_jax import bundled  # pylint: disable=g-import-not-at-top
     path = bundled.sharegpt_path()
   if name is None:
     name = f'sharegpt_l{max_len}' + (f'_n{max_examples}' if max_examples is not None else '')
-  return build_dataset(data_dir, iter_sharegpt(path), tokenizer, name=name, max_len=max_len,
+  return build_dataset(data_dir, sharegpt.iter_sharegpt(path), tokenizer, name=name, max_len=max_len,
                        heldout_fraction=heldout_fraction, max_examples=max_examples,
                        progress_desc='ShareGPT conversations')
 
@@ -592,8 +288,9 @@ def prepare_sharegpt(data_dir: str, tokenizer, *, max_len: int, max_examples: in
 # --------------------------------------------------------------------------------------------------
 
 class _Truncate(grain.transforms.Map):
-  """Drops the id and cuts an example to the row length; with token offsets, adds each token's
-  index into a flat per-token array of the source (``hidden_cache``)."""
+  """Cuts an example to the row length and marks its tokens with its index in the source (the
+  stored conversation id, a string, is dropped); with token offsets, adds each token's index into
+  a flat per-token array of the source (``hidden_cache``)."""
 
   def __init__(self, seq_len: int, token_offsets=None):
     self.seq_len = seq_len
@@ -602,13 +299,15 @@ class _Truncate(grain.transforms.Map):
   def map(self, element):
     out = {'tokens': np.asarray(element['tokens'][:self.seq_len], np.int32),
            'loss_mask': np.asarray(element['loss_mask'][:self.seq_len], np.int32)}
+    # 1-based so that padding (rows and the packer's bins are zero-filled) is 0, as in every key.
+    out['id'] = np.full(len(out['tokens']), element['source_index'] + 1, np.int32)
     if self.token_offsets is not None:
       start = int(self.token_offsets[element['source_index']])
       out['token_index'] = np.arange(start, start + len(out['tokens']), dtype=np.int32)
     return out
 
 
-_ROW_KEYS = ('tokens', 'loss_mask', 'token_index')
+_ROW_KEYS = ('tokens', 'loss_mask', 'id', 'token_index')
 
 
 class _PadRow(grain.transforms.Map):
@@ -643,8 +342,8 @@ class _PackedKeys(grain.transforms.Map):
 def make_loader(source: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, seq_len: int,
                 seed: int, shuffle: bool = True, num_epochs: int | None = None,
                 shard_index: int = 0, shard_count: int = 1, pack: bool = False,
-                read_options: grain.ReadOptions | None = None, token_offsets=None) -> grain.DatasetIterator:
-  """An iterator of batches ``{tokens, loss_mask, segment_ids, positions}``, each int32 [B, seq_len].
+                read_options: grain.ReadOptions | None = None, token_offsets=None) -> Batches:
+  """An iterator of batches ``{tokens, loss_mask, segment_ids, positions, id}``, each int32 [B, seq_len].
 
   Order: a global shuffle (reseeded every epoch) of the whole source, then host ``shard_index``
   takes every ``shard_count``-th example, so hosts see disjoint examples within an epoch and the
@@ -653,9 +352,9 @@ def make_loader(source: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, 
   first-fit packing of several examples per row with ``batch_size`` bins (segment ids 1, 2, ...,
   positions restart per segment). The last incomplete batch of a finite run is dropped.
 
-  The returned grain iterator is checkpointable: ``state = it.get_state()`` (a JSON-serialisable
-  dict) and ``it.set_state(state)`` on a fresh iterator built with the same arguments resume the
-  exact stream; with Orbax use ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``.
+  The returned iterator is checkpointable: ``state = it.get_state()`` (a JSON-serialisable dict)
+  and ``it.set_state(state)`` on a fresh iterator built with the same arguments resume the exact
+  stream; see ``Batches`` for states written by hosts with other shards.
 
   Args:
     source: random-access source, e.g. ``load_split(...)``; elements have ``tokens``/``loss_mask``.
@@ -664,8 +363,8 @@ def make_loader(source: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, 
     seed: seeds the shuffle and the packer's bin order; use the same on every host.
     shuffle: False keeps source order (evaluation).
     num_epochs: None repeats forever.
-    shard_index: this host's index (``jax.process_index()`` at the call site).
-    shard_count: number of hosts (``jax.process_count()``).
+    shard_index: this host's share of the examples (``sharding.process_shard`` at the call site).
+    shard_count: how many distinct shares there are (hosts, less those holding the same rows).
     pack: pack several examples per row.
     read_options: grain read threads / prefetch; grain's defaults if None.
     token_offsets: [len(source) + 1] start of each example in a flat per-token array (its
@@ -680,10 +379,9 @@ def make_loader(source: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, 
   if per_shard == 0:
     raise ValueError(f'{len(source)} examples cannot be split over {shard_count} shards.')
   ds = grain.MapDataset.source(source)
-  if token_offsets is not None:
-    # A repeated dataset passes the epoch's offset on in the index: the source index is modulo its size.
-    n = len(source)
-    ds = ds.map_with_index(lambda i, e: {**e, 'source_index': i % n})
+  # A repeated dataset passes the epoch's offset on in the index: the source index is modulo its size.
+  n = len(source)
+  ds = ds.map_with_index(lambda i, e: {**e, 'source_index': i % n})
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds[shard_index:per_shard * shard_count:shard_count]
@@ -692,11 +390,64 @@ def make_loader(source: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, 
   ds = ds.map(_Truncate(seq_len, token_offsets))
   it = ds.to_iter_dataset(read_options)
   if pack:
-    keys = _ROW_KEYS if token_offsets is not None else _ROW_KEYS[:2]
+    keys = _ROW_KEYS if token_offsets is not None else _ROW_KEYS[:3]
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={k: seq_len for k in keys},
         num_packing_bins=batch_size, seed=seed, shuffle_bins=shuffle)
     it = it.map(_PackedKeys())
   else:
     it = it.map(_PadRow(seq_len))
-  return iter(it.batch(batch_size, drop_remainder=True))
+  return Batches(iter(it.batch(batch_size, drop_remainder=True)), source_len=n, shard_index=shard_index,
+                 shard_count=shard_count, pack=pack)
+
+
+class Batches:
+  """``make_loader``'s iterator: grain's, with a position (``get_state``) that names its shard.
+
+  ``get_state()`` is ``{'grain': <grain's state>, 'shard': [index, count]}``. ``set_state`` takes
+  one such state, grain's own (a checkpoint written before shards were named), or
+  ``{'processes': [state, ...]}``, every host's state of one step (what a checkpoint of several
+  processes holds): it resumes from the state of its own shard when one is there, exactly. From
+  states of another shard count (a run resumed on fewer or more hosts) it resumes at the same
+  place in the same epoch's shuffled order: the examples the old hosts had read together, counted
+  from the one that had read fewest, divided among the new shards. That is exact for unpacked
+  rows when the count divides; otherwise (packed rows: examples already packed into rows not yet
+  emitted; a count that does not divide) a few examples are read again, none is skipped, and a
+  warning says so.
+  """
+
+  def __init__(self, it, *, source_len: int, shard_index: int, shard_count: int, pack: bool):
+    self._it = it
+    self.source_len, self.shard, self.pack = source_len, [shard_index, shard_count], pack
+
+  def __iter__(self) -> Batches:
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    return {'grain': self._it.get_state(), 'shard': list(self.shard)}
+
+  def set_state(self, state: dict) -> None:
+    states = state['processes'] if 'processes' in state else [state]
+    if not all('grain' in s for s in states):  # grain's own state
+      self._it.set_state(state)
+      return
+    mine = [s for s in states if list(s['shard']) == self.shard]
+    self._it.set_state(mine[0]['grain'] if mine else self._translated(states))
+
+  def _translated(self, states: list[dict]) -> dict:
+    old_count = int(states[0]['shard'][1])
+    read = [(s['grain']['parent'] if self.pack else s['grain'])['next_index'] for s in states]
+    # Element j of a host's stream is element j % per_shard of epoch j // per_shard, and the hosts
+    # had taken examples [0, k * count) of that epoch's order between them.
+    epoch, k = divmod(min(read), self.source_len // old_count)
+    together = k * old_count
+    count = self.shard[1]
+    index = epoch * (self.source_len // count) + together // count
+    if self.pack or together % count or len(set(read)) > 1:
+      _log.warning('Data position of %d shards resumed on %d (shard %d): a few examples of epoch %d are read '
+                   'again%s.', old_count, count, self.shard[0], epoch,
+                   ' (packed rows are packed anew)' if self.pack else '')
+    return {'parent': {'next_index': index}, 'next_row': 0, 'counter': 0} if self.pack else {'next_index': index}

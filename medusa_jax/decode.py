@@ -8,6 +8,8 @@ and a sampling setting, on one device or on a mesh (``placement``), with one cod
 Prompts of different lengths are right-padded: sequence b's prompt occupies cache rows
 0..len[b]-1 and every sequence then advances its own ``cache['index']``.
 
+``batched_generate`` answers many prompts in batches of one shape (distillation, calibration).
+
 Shape letters: B batch, P padded prompt length, S cache rows, T emitted-token buffer, D model, V
 vocabulary, A tokens one step may emit.
 """
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from medusa_jax import model as model_lib
 from medusa_jax.model import ModelConfig
@@ -39,12 +42,22 @@ class Sampling:
   max_new_tokens: int = 128
 
 
+def sampling_from(config) -> Sampling:
+  """The sampling a config file asks for (``config.decode``)."""
+  d = config.decode
+  return Sampling(temperature=float(d.temperature), top_p=float(d.top_p), max_new_tokens=int(d.max_new_tokens))
+
+
 @flax.struct.dataclass
 class DraftCarry:
   """What a drafting mode (Medusa) carries from one step to the next: the backbone's final hidden
   state at the position whose prediction is the newest emitted token. The heads read it (and that
-  token, ``DecodeState.last_B``) to draft the next step's candidates."""
+  token, ``DecodeState.last_B``) to draft the next step's candidates.
+
+  With the heads' prefix layer (``heads.prefix_layer``) ``hidden_BxD`` is that layer's output there
+  and ``prefix`` its KV cache (``heads.prefix_cache``), holding the accepted positions' rows only."""
   hidden_BxD: jax.Array
+  prefix: dict | None = None
 
 
 @flax.struct.dataclass
@@ -170,11 +183,13 @@ def emit(state: DecodeState, new_BxA, count_B, eos_ids: tuple[int, ...], max_new
 # ----------------------------------------------------------------------------------------------
 
 def prefill(cfg: ModelConfig, dp: DecodeParams, prompts_BxP, lengths_B, rng, *, capacity: int,
-            sampling: Sampling, slack: int = 1, carry_draft: bool = False, greedy_first: bool = False
-            ) -> DecodeState:
+            sampling: Sampling, slack: int = 1, carry_draft: bool = False, greedy_first: bool = False,
+            draft_prefill: Callable | None = None) -> DecodeState:
   """Runs the prompts through the model, chooses the first new token and returns the loop state.
 
-  ``carry_draft``: keep the last prompt position's hidden state for the first draft (Medusa).
+  ``carry_draft``: keep the last prompt position's hidden state for the first draft (Medusa);
+  ``draft_prefill(dp, hidden_BxPxD, lengths_B, capacity) -> DraftCarry`` makes that carry instead
+  (Medusa's prefix layer runs over the whole prompt).
   ``greedy_first``: take the first token greedily whatever the temperature (the paper's typical
   acceptance takes every token that is not a verified candidate greedily).
   """
@@ -194,7 +209,8 @@ def prefill(cfg: ModelConfig, dp: DecodeParams, prompts_BxP, lengths_B, rng, *, 
   state = DecodeState(
       cache=cache, tokens_BxT=jnp.zeros((B, T), jnp.int32), num_B=jnp.zeros((B,), jnp.int32),
       done_B=jnp.zeros((B,), bool), last_B=first_B, rng=rng, steps=jnp.zeros((), jnp.int32),
-      draft=DraftCarry(last_h_Bx1xD[:, 0]) if carry_draft else None)
+      draft=None if not carry_draft else (DraftCarry(last_h_Bx1xD[:, 0]) if draft_prefill is None
+                                          else draft_prefill(dp, hidden_BxPxD, lengths_B, capacity)))
   return emit(state, first_B[:, None], jnp.ones((B,), jnp.int32), cfg.eos_ids, sampling.max_new_tokens)
 
 
@@ -235,11 +251,11 @@ class Decoder:
 
   ``step_fn(cfg, dparams, state, sampling=...)`` is the mode's step, ``room`` the cache rows a step
   writes, ``slack`` how many tokens a step may emit beyond ``max_new_tokens`` before truncation,
-  ``carry_draft``/``greedy_first`` as in ``prefill``, ``heads_weights(params, kernel=) -> dict`` the
-  mode's loop-invariant head weights (``DecodeParams.heads``; ``kernel``: the CPU kernel is in use). ``placement`` (a
-  ``sharding.DecodePlacement``) runs them on a device mesh with explicit shardings (params by
-  their logical axes, cache and per-sequence state by batch / kv heads); None: one device, where
-  XLA places everything and the CPU kernel may be used.
+  ``carry_draft``/``greedy_first``/``draft_prefill`` as in ``prefill``, ``heads_weights(params,
+  kernel=) -> dict`` the mode's loop-invariant head weights (``DecodeParams.heads``; ``kernel``: the
+  CPU kernel is in use). ``placement`` (a ``sharding.DecodePlacement``) runs them on a device mesh
+  with explicit shardings (params by their logical axes, cache and per-sequence state by batch / kv
+  heads); None: one device, where XLA places everything and the CPU kernel may be used.
 
   Call ``prepare(params)`` once and pass its ``DecodeParams`` to ``generate``/``start``/``stream``:
   given a plain params dict they prepare it on every call (packing the backbone for the CPU kernel
@@ -254,11 +270,13 @@ class Decoder:
   greedy_first: bool = False
   heads_weights: Callable | None = None
   placement: Any = None
+  draft_prefill: Callable | None = None
 
   def __post_init__(self):
     self.step = functools.partial(self.step_fn, self.cfg, sampling=self.sampling)
     self._prefill_fn = functools.partial(prefill, self.cfg, sampling=self.sampling, slack=self.slack,
-                                         carry_draft=self.carry_draft, greedy_first=self.greedy_first)
+                                         carry_draft=self.carry_draft, greedy_first=self.greedy_first,
+                                         draft_prefill=self.draft_prefill)
     self._loop_fn = lambda dp, state: run_loop(functools.partial(self.step, dp), state, self.room)
     self._prefills, self._steps = {}, {}
 
@@ -352,8 +370,8 @@ class Decoder:
     step = self.state_programs(dp, state)[0]
     seen = np.zeros(len(prompts), np.int64)
     while True:
-      num = np.asarray(state.num_B)
-      toks = np.asarray(state.tokens_BxT)
+      num = host_value(state.num_B)
+      toks = host_value(state.tokens_BxT)
       yield [toks[b, seen[b]:num[b]].tolist() for b in range(len(prompts))]
       seen = num
       if not bool(should_continue(state, self.room)):
@@ -361,6 +379,43 @@ class Decoder:
       state = step(dp, state)
 
 
+def host_value(x) -> np.ndarray:
+  """``x`` whole, as a NumPy array on this host. With several processes a batch split over the data
+  axes has rows on other hosts' devices, which only a gather (every host calls this) brings here."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def outputs(state: DecodeState) -> list[list[int]]:
-  toks, num = np.asarray(state.tokens_BxT), np.asarray(state.num_B)
+  toks, num = host_value(state.tokens_BxT), host_value(state.num_B)
   return [toks[b, :num[b]].tolist() for b in range(toks.shape[0])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Many prompts
+# ----------------------------------------------------------------------------------------------
+
+def batched_generate(decoder: Decoder, params, prompts: Sequence[Sequence[int]], batch_size: int,
+                     rng) -> Iterator[tuple[list[int], list[list[int]]]]:
+  """Generates for all prompts, shortest first; yields ``(indices into prompts, outputs)`` per batch.
+
+  Sorting by length keeps the padding within a batch small and the number of prompt-length
+  buckets (compilations) low. A short last batch is filled up with copies of its last prompt, so
+  every batch has the same shape and the loop is not compiled again for one odd size.
+  """
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  for n, start in enumerate(range(0, len(order), batch_size)):
+    idx = order[start:start + batch_size]
+    batch = [list(prompts[i]) for i in idx]
+    batch += [batch[-1]] * (batch_size - len(batch))
+    outs, _ = decoder.generate(params, batch, jax.random.fold_in(rng, n))
+    yield idx, outs[:len(idx)]
+
+
+def reply_text(tokenizer, tokens: Sequence[int], eos_ids: Sequence[int]) -> str:
+  """The decoded reply, without its end token (the chat template adds its own when rendering)."""
+  tokens = list(tokens)
+  if tokens and tokens[-1] in eos_ids:
+    tokens = tokens[:-1]
+  return tokenizer.decode(tokens, skip_special_tokens=True)

@@ -8,7 +8,11 @@ bug) keeps its traceback. ``--debug`` or ``MEDUSA_JAX_DEBUG=1`` shows the traceb
 
 An error counts as the project's own when it is raised by code in this package or in ``configs/``,
 or while the flags and the config file are parsed (ml_collections reports an unknown override key
-from inside its own code).
+from inside its own code). A ``--config`` file that does not exist is reported before parsing:
+ml_collections only logs it then, and fails on first use with two chained tracebacks.
+
+``--help`` prints the tool's docstring, its own flags, the shared decoding flags (``cli.py``),
+``--config`` and where the config keys are, and exits 0; absl's ``--helpfull`` still lists every flag.
 """
 
 from __future__ import annotations
@@ -69,14 +73,75 @@ def _flags_error(e: BaseException) -> str:
   return msg
 
 
+_HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+_OUR_MODULES = ("medusa_jax.cli", __name__)
+
+
+def _config_path(argv) -> str | None:
+  """The file part of the ``--config`` value (given, or the flag's default), if the tool has one."""
+  if "config" not in flags.FLAGS:
+    return None
+  value = None
+  for i, a in enumerate(argv[1:], 1):
+    if a in ("--config", "-config"):
+      value = argv[i + 1] if i + 1 < len(argv) else None
+    elif a.startswith(("--config=", "-config=")):
+      value = a.split("=", 1)[1]
+  if value is None:
+    if flags.FLAGS["config"].default is None:  # no default file: absl says the flag is required
+      return None
+    try:
+      value = ast.literal_eval(flags.FLAGS["config"].default_as_str or "None")
+    except (ValueError, SyntaxError):
+      return None
+  return value.split(":", 1)[0] if isinstance(value, str) and value else None
+
+
+def _check_config_file(argv) -> None:
+  path = _config_path(argv)
+  if path is None or os.path.isfile(path):
+    return
+  where = os.path.relpath(_CONFIGS)
+  where = _CONFIGS if where.startswith("..") else where
+  known = sorted(f for f in os.listdir(_CONFIGS) if f.endswith(".py")) if os.path.isdir(_CONFIGS) else []
+  print(f"error: --config {path}: no such file; the configs are {', '.join(os.path.join(where, f) for f in known)}"
+        " (each one's docstring lists its :variants)", file=sys.stderr)
+  sys.exit(EXIT_ERROR)
+
+
+def help_text(argv) -> str:
+  """What ``--help`` prints (see the module docstring)."""
+  main = sys.modules.get("__main__")
+  doc = ((getattr(main, "__doc__", None) or "").strip() + "\n\n") if main is not None else ""
+  by_module = flags.FLAGS.flags_by_module_dict()
+  sections = []
+  for module in (argv[0], *_OUR_MODULES):
+    if by_module.get(module):
+      title = "shared decoding flags" if module == "medusa_jax.cli" else (
+          "error reporting" if module == __name__ else "flags")
+      body = flags.FLAGS.module_help(module).strip().split("\n", 1)[1]  # its first line names the module
+      sections.append(f"{title}:\n{body}")
+  return (f"{doc}" + "\n\n".join(sections) + "\n\nconfig keys: medusa_jax/config.py default_config(); override "
+          "any with --config.<key>=value (e.g. --config.train.steps=100, --config.decode.max_new_tokens=64).\n"
+          "--helpfull lists every flag, absl's and the libraries' included.")
+
+
 def _parse_flags(argv):
+  if any(a in _HELP for a in argv[1:]):
+    try:
+      print(help_text(argv), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+    sys.exit(0)
+  if not _debug():
+    _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
     if _debug():
       raise
-    print(f"error: {_flags_error(e)}", file=sys.stderr)
-    print("  (--helpfull lists the flags, a config file's docstring its variants; --debug shows the traceback)",
+    # One line, as every error of ours: the pointer rides on it.
+    print(f"error: {_flags_error(e)} (--help lists the flags, a config file's docstring its variants)",
           file=sys.stderr)
     sys.exit(EXIT_ERROR)
 

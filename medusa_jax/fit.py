@@ -38,8 +38,8 @@ def _flag(argv, name: str):
 
 
 def _fake_devices_env(n: int) -> dict:
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  return {"XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={n}"]), "JAX_PLATFORMS": "cpu"}
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  return {"XLA_FLAGS": " ".join(kept + [f"--xla_force_host_platform_device_count={n}"]), "JAX_PLATFORMS": "cpu"}
 
 
 def _prepare_devices(argv) -> None:
@@ -50,6 +50,7 @@ def _prepare_devices(argv) -> None:
     return
   env = _fake_devices_env(int(n))
   if "jax" in sys.modules:
+    # Deferred: importing JAX before XLA_FLAGS is set would fix the device count; here it is already loaded.
     import jax  # pylint: disable=g-import-not-at-top
     if jax.default_backend() == "cpu" and jax.device_count() == int(n):
       return
@@ -65,15 +66,20 @@ import dataclasses
 import json
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
 from medusa_jax import bundled
-from medusa_jax import config as config_lib
 from medusa_jax import convert
 from medusa_jax import decode
+from medusa_jax import entry
+from medusa_jax import heads as heads_lib
 from medusa_jax import medusa
+from medusa_jax import optim
+from medusa_jax import runtime
 from medusa_jax import sharding
 from medusa_jax import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -108,7 +114,7 @@ def model_config(config):
   ``convert.load_model`` stores the backbone's weights in ``config.dtype`` and passes the remaining
   overrides to the architecture; this mirrors it without reading any weights.
   """
-  overrides = dict(config_lib.model_overrides(config))
+  overrides = dict(runtime.model_overrides(config))
   weights_dtype = overrides.pop("dtype")
   small = config.model in (convert.RANDOM_TINY, bundled.SMOLLM2) or config.model.endswith(".gguf")
   if config.get("model_arch", None) or not small:
@@ -138,7 +144,7 @@ def check_train(config, cfg, hcfg, weights_dtype, mesh) -> dict:
   tc = config.train
   params = sharding.abstract_params(cfg, hcfg, weights_dtype)
   params = jax.eval_shape(lambda p: trainer.with_adapters(config, cfg, p), params)
-  split = trainer.split_for_training(tc, params)
+  split = optim.split_for_training(tc, params)
   tparams, frozen, tx = split.tparams, split.frozen, split.tx
   placement = sharding.TrainPlacement(config, mesh, cfg, hcfg, tparams, frozen)
   sc = dataclasses.replace(trainer.step_config(config, cfg, hcfg), rows=placement.rows)
@@ -150,10 +156,10 @@ def check_train(config, cfg, hcfg, weights_dtype, mesh) -> dict:
   opt = jax.eval_shape(tx.init, tparams)
   batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32, sharding=placement.batch)
            for k in ("tokens", "loss_mask", "segment_ids", "positions")}
-  args = (sharding.with_shardings(tparams, placement.t_shard),
-          sharding.with_shardings(opt, placement.opt_shardings(tx)),
-          sharding.with_shardings(frozen, placement.f_shard), batch,
-          jax.ShapeDtypeStruct((), jnp.int32, sharding=placement.replicated), teacher)
+  state = optim.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=tparams, opt_state=opt)
+  state_shardings = placement.step_in_shardings(tx, with_teacher)[0]
+  args = (sharding.with_shardings(state, state_shardings), sharding.with_shardings(frozen, placement.f_shard),
+          batch, teacher)
   t0 = time.perf_counter()
   compiled = trainer.jit_train_step(sc, tx, placement, with_teacher).lower(*args).compile()
   held = {"trainable": sharding.shard_bytes(tparams, placement.t_shard),
@@ -168,8 +174,8 @@ def check_train(config, cfg, hcfg, weights_dtype, mesh) -> dict:
 
 def check_decode(config, cfg, hcfg, weights_dtype, mesh, *, batch: int, prompt_len: int) -> dict:
   """Compiles the Medusa prefill, the vanilla step and the Medusa step for ``mesh``."""
-  sampling = config_lib.sampling(config)
-  spec = config_lib.medusa_spec(config, hcfg)
+  sampling = decode.sampling_from(config)
+  spec = medusa.spec_from(config, hcfg)
   placement = sharding.DecodePlacement(cfg, hcfg, mesh, sharding.rules_of(config))
   params = sharding.abstract_params(cfg, hcfg, weights_dtype)
   p_sh = placement.params(params)
@@ -201,7 +207,7 @@ def run(config, *, mesh: str | None = None, decode_mesh: str | None = None, deco
         prompt_len: int = 1024, only: str = "all") -> dict:
   """The fit report as a dict (see ``format_report``)."""
   cfg, wdtype = model_config(config)
-  hcfg = config_lib.heads_config(config)
+  hcfg = heads_lib.config_from(config)
   params = sharding.abstract_params(cfg, hcfg, wdtype)
   report = {"devices": jax.device_count(), "platform": jax.default_backend(), "model": dataclasses.asdict(cfg),
             "weights_dtype": str(wdtype), "base_params": param_count(params["base"]),
@@ -257,8 +263,6 @@ def format_report(r: dict) -> str:
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from medusa_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.quiet_jax_logs()
   f = flags.FLAGS
   if f.devices and jax.device_count() != f.devices:
@@ -275,8 +279,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]); override keys "
                                   "with --config.key=value.", lock_config=True)
   flags.DEFINE_integer("devices", None, "Fake this many CPU devices (default: the real devices).")
@@ -290,6 +292,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from medusa_jax import entry  # pylint: disable=g-import-not-at-top
   _define_flags()
   entry.run(main)

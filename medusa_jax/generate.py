@@ -1,4 +1,4 @@
-"""Chat with a model from the command line, streaming the reply (vanilla or Medusa decoding).
+r"""Chat with a model from the command line, streaming the reply (vanilla or Medusa decoding).
 
   python -m medusa_jax.generate --config configs/smollm2.py --prompt "Why is the sky blue?"
   python -m medusa_jax.generate --config configs/smollm2.py --mode medusa --checkpoint runs/m1/export \
@@ -11,25 +11,27 @@ import sys
 import time
 
 from absl import flags
-import jax
 
 from medusa_jax import cli
 from medusa_jax import entry
-from medusa_jax import config as config_lib
-from medusa_jax import medusa, runtime
 
 _PROMPT = flags.DEFINE_string("prompt", None, "The user message to answer.")
 
 
 def main(argv):
   del argv
-  runtime.quiet_jax_logs()
   if not _PROMPT.value:
-    raise ValueError("--prompt is required.")
+    raise ValueError('--prompt is required: the message to answer, e.g. --prompt "Why is the sky blue?".')
   config = cli.config()
+  if config.decode.mode == "medusa":
+    cli.check_medusa(config)
+  # JAX and the model's libraries load only now (seconds): a mistake above, or --help, costs none of it.
+  import jax  # pylint: disable=g-import-not-at-top
+  from medusa_jax import decode, medusa, runtime  # pylint: disable=g-import-not-at-top
+  runtime.quiet_jax_logs()
   loaded = runtime.load(config, heads=cli.HEADS.value, checkpoint=cli.CHECKPOINT.value)
-  spec = config_lib.medusa_spec(config, loaded.heads) if config.decode.mode == "medusa" else None
-  decoder = medusa.make_decoder(loaded.cfg, config_lib.sampling(config), spec)
+  spec = medusa.spec_from(config, loaded.heads) if config.decode.mode == "medusa" else None
+  decoder = medusa.make_decoder(loaded.cfg, decode.sampling_from(config), spec)
   prompt = runtime.chat_prompt(loaded.tokenizer, _PROMPT.value)
   shown, tokens = "", []
   t0 = time.perf_counter()
@@ -48,5 +50,10 @@ def main(argv):
         f"mode={config.decode.mode}]", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def run_cli():
+  """The console script (`medusa-generate`): `main` with one-line errors."""
   entry.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -36,6 +36,20 @@ Hydra concatenates [h_t, embeddings] into its first block's input; a sum of proj
 the same linear map on that concatenation with the identity kept on h_t, so fresh heads are still
 the identity, as Medusa heads are. Decoding drafts the tree level by level (``medusa.draft``);
 training is teacher-forced on the data's tokens.
+
+``prefix_layer`` (Hydra++'s prefix attention, Ankner et al. 2024; off by default): h_t alone sums up
+the context only as the backbone's next-token prediction needs it. With this option one more decoder
+layer of the backbone's shapes (``model.param_shapes``' ``layers_i``), the heads' own, runs causally
+over the backbone's final hidden states, and its output at t, not h_t, is every head's input
+(``heads_input``)::
+
+  prefix       {attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down (, bq, bk, bv)}, the
+               backbone's axes; wo and w_down zero-initialised
+
+Zero output projections make a fresh layer the identity on its residual stream, so fresh heads see
+h_t exactly, as without it. It has its own KV cache when decoding (``prefix_decode``): prefill runs it
+over the prompt, and each step over the accepted nodes' hidden states only, so its rows are those of
+the accepted sequence, as teacher-forced training sees it.
 """
 
 from __future__ import annotations
@@ -44,7 +58,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from medusa_jax import cpu_kernels
 from medusa_jax import model as model_lib
 from medusa_jax.model import ModelConfig
 
@@ -63,6 +79,8 @@ class HeadsConfig:
   # 'medusa': every head reads h_t (and the next token with next_token_input); 'sequential': head m
   # also reads the tokens of its tree path before it (Hydra-style, see the module docstring).
   kind: str = "medusa"
+  # One decoder layer over the backbone's hidden states feeds the heads (see the module docstring).
+  prefix_layer: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -77,7 +95,18 @@ class HeadsConfig:
 KINDS = ("medusa", "sequential")
 
 
-def param_axes(hcfg: HeadsConfig) -> dict:
+def config_from(config) -> HeadsConfig:
+  """The heads a config file asks for (``config.heads``)."""
+  return HeadsConfig(**config.heads.to_dict())
+
+
+def prefix_shapes(cfg: ModelConfig) -> dict:
+  """The prefix layer's {name: (shape, axes)}: one backbone layer's."""
+  return model_lib.param_shapes(cfg.replace(num_layers=1))["layers_0"]
+
+
+def param_axes(hcfg: HeadsConfig, cfg: ModelConfig | None = None) -> dict:
+  """Logical axes of ``params['medusa']``; ``cfg`` is needed with ``prefix_layer`` (its biases)."""
   axes = {"w": ("medusa_heads", "medusa_layers", "embed", "embed_out"),
           "b": ("medusa_heads", "medusa_layers", "embed_out")}
   if not hcfg.shared_lm_head:
@@ -88,11 +117,30 @@ def param_axes(hcfg: HeadsConfig) -> dict:
     axes["tok_w"] = ("medusa_heads", "embed", "embed_out")
   if hcfg.kind == "sequential":
     axes["path_w"] = ("medusa_heads", "medusa_path", "embed", "embed_out")
+  if hcfg.prefix_layer:
+    if cfg is None:
+      raise ValueError("The prefix layer's axes depend on the backbone: pass its ModelConfig.")
+    axes["prefix"] = {k: a for k, (_, a) in prefix_shapes(cfg).items()}
   return axes
 
 
-def init_params(hcfg: HeadsConfig, cfg: ModelConfig, base=None) -> dict:
-  """Zero residual blocks; per-head LM heads copied from the backbone's (needs ``base``)."""
+def init_prefix(cfg: ModelConfig, rng) -> dict:
+  """A fresh prefix layer: ``model.init_params``' layer init, but zero ``wo`` and ``w_down``, so the
+  layer adds nothing to its input (its attention and MLP still get gradients through them)."""
+  out = {}
+  for key, (name, (shape, _)) in zip(jax.random.split(rng, 16), prefix_shapes(cfg).items()):
+    if name.endswith("norm"):
+      out[name] = jnp.ones(shape, cfg.param_dtype)
+    elif name.startswith("b") or name in ("wo", "w_down"):
+      out[name] = jnp.zeros(shape, cfg.param_dtype)
+    else:
+      out[name] = (0.02 * jax.random.normal(key, shape)).astype(cfg.param_dtype)
+  return out
+
+
+def init_params(hcfg: HeadsConfig, cfg: ModelConfig, base=None, rng=None) -> dict:
+  """Zero residual blocks; per-head LM heads copied from the backbone's (needs ``base``); with
+  ``prefix_layer`` a fresh prefix layer drawn from ``rng`` (default key 0)."""
   M, n, D = hcfg.num_heads, hcfg.num_layers, cfg.dim
   p = {"w": jnp.zeros((M, n, D, D), cfg.param_dtype), "b": jnp.zeros((M, n, D), cfg.param_dtype)}
   if hcfg.next_token_input:
@@ -108,20 +156,52 @@ def init_params(hcfg: HeadsConfig, cfg: ModelConfig, base=None) -> dict:
     if hcfg.draft_vocab > cfg.vocab_size:
       raise ValueError(f"draft_vocab={hcfg.draft_vocab} exceeds the vocabulary ({cfg.vocab_size}).")
     p["vocab_ids"] = jnp.arange(hcfg.draft_vocab, dtype=jnp.int32)  # replaced by set_draft_vocab
+  if hcfg.prefix_layer:
+    p["prefix"] = init_prefix(cfg, jax.random.PRNGKey(0) if rng is None else rng)
   return p
 
 
 def draft_vocab_from_counts(hcfg: HeadsConfig, counts_V) -> jax.Array:
   """The ``draft_vocab`` most frequent token ids (ties by id), sorted by id."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   counts = np.asarray(counts_V)
   order = np.lexsort((np.arange(len(counts)), -counts))[:hcfg.draft_vocab]
   return jnp.asarray(np.sort(order).astype(np.int32))
 
 
 def per_head(medusa: dict, m: int) -> dict:
-  """Head m's own params (keeping a leading axis of 1); the shared ``vocab_ids`` stay whole."""
-  return {k: (v if k == "vocab_ids" else v[m:m + 1]) for k, v in medusa.items()}
+  """Head m's own params (keeping a leading axis of 1); the shared ``vocab_ids`` stay whole. The
+  prefix layer is left out: it runs once before the heads (``heads_input``), not per head."""
+  return {k: (v if k == "vocab_ids" else v[m:m + 1]) for k, v in medusa.items() if k != "prefix"}
+
+
+def heads_input(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, positions_BxL, mask_BxLxL):
+  """What the heads read at each position, teacher-forced (training, calibration): the backbone's
+  hidden states, or with ``prefix_layer`` the prefix layer's output over them, under the backbone's
+  own (segment-)causal mask and positions."""
+  if not hcfg.prefix_layer:
+    return hidden_BxLxD
+  return model_lib.decoder_layer(cfg, params["medusa"]["prefix"], hidden_BxLxD, positions_BxL, mask_BxLxL)[0]
+
+
+def prefix_cache(cfg: ModelConfig, batch: int, capacity: int) -> dict:
+  """The prefix layer's empty KV cache: ``model.init_cache`` of one layer."""
+  return model_lib.init_cache(cfg.replace(num_layers=1), batch, capacity)
+
+
+def prefix_cache_axes(cfg: ModelConfig) -> dict:
+  """Logical axes of ``prefix_cache``: the backbone cache's."""
+  return model_lib.cache_axes(cfg.replace(num_layers=1))
+
+
+def prefix_decode(cfg: ModelConfig, params, hidden_BxLxD, cache: dict):
+  """Runs the prefix layer over L new rows per sequence written at ``cache['index'][b]`` onwards,
+  each attending to the cache's rows before it (``index`` is unchanged: the caller ``advance``s it
+  by the rows that count). Returns (output [B, L, D], cache)."""
+  L, S = hidden_BxLxD.shape[1], model_lib.cache_capacity(cache)
+  index_B = cache["index"]
+  positions_BxL = index_B[:, None] + jnp.arange(L, dtype=index_B.dtype)[None, :]
+  mask_BxLxS = model_lib.cache_causal_mask(index_B, L, S)
+  return model_lib.decoder_layer(cfg, params["medusa"]["prefix"], hidden_BxLxD, positions_BxL, mask_BxLxS, cache)
 
 
 def head_states(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=None, first_head: int = 0):
@@ -200,7 +280,6 @@ def decoding_weights(hcfg: HeadsConfig, cfg: ModelConfig, params, kernel: bool =
     return {}
   out = {"proj_VxD": w}
   if kernel:
-    from medusa_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
     out["proj_packed"] = cpu_kernels.pack(jnp.asarray(w).T)
   return out
 

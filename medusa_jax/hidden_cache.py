@@ -13,7 +13,8 @@ fingerprint of the backbone's weights, so another model or dataset never reads i
 ``token_index`` (``data.make_loader(..., token_offsets=)``) and ``gather`` turns it into the
 [B, L, D] hidden states the step uses instead of the forward.
 
-One process only (every host would need every example's states); ``config.train.cache_hidden``.
+Several processes: every host keeps the whole split's cache (the examples it reads change every
+epoch), host 0 computing it first (``train_data.hidden_caches``); ``config.train.cache_hidden``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
+from medusa_jax import decode
 from medusa_jax import model as model_lib
 
 _log = logging.getLogger("medusa_jax.hidden_cache")
@@ -62,8 +65,6 @@ def build(cfg: model_lib.ModelConfig, base, source, seq_len: int, path: str, *, 
           desc: str = "hidden states") -> HiddenCache:
   """Runs the backbone over every example of ``source`` (shortest first, batched, one compile per
   length bucket) and writes the flat array to ``path`` atomically; returns it memory-mapped."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from medusa_jax import decode  # pylint: disable=g-import-not-at-top
   offsets = offsets_of(source, seq_len)
   lengths = np.diff(offsets)
   os.makedirs(os.path.dirname(path), exist_ok=True)

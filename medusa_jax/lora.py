@@ -44,6 +44,12 @@ class LoraConfig:
     return self.alpha / self.rank
 
 
+def config_from(config) -> LoraConfig | None:
+  """The backbone's adapters a config file asks for (``config.train.lora``); None for rank 0."""
+  lc = config.train.lora
+  return LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha), targets=lc.targets) if int(lc.rank) > 0 else None
+
+
 def target_paths(lcfg: LoraConfig, cfg: ModelConfig) -> list[tuple[str, str]]:
   """(layer, matrix) pairs the regex selects; an error if it selects none or a non-matrix."""
   shapes = model_lib.param_shapes(cfg)

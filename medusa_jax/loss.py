@@ -65,7 +65,7 @@ def _shift(x_BxLx_, m: int):
 def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, hidden_BxLxD, batch,
                decay: float, topk: int = 5, remat: bool = True, kind: str = "ce", kl_mix: float = 0.5,
                kl_temperature: float = 1.0):
-  """Σ_m decay^m · L_m and per-head metrics (loss, ce, kl, top-1..topk accuracy).
+  """Σ_m decay^m · L_m and per-head metrics (loss, ce, kl or kl_soft, top-1..topk accuracy).
 
   ``kind`` chooses each head's loss L_m:
     * ``ce``: cross-entropy to the token at t+m+1 (the paper's Medusa-1 loss);
@@ -75,6 +75,9 @@ def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, 
       forward: the hidden state at t+m comes from the forward the loss already runs (held with
       stop_gradient, so in Medusa-2 the KL term does not pull the backbone towards the heads);
     * ``mix``: (1 - kl_mix) · CE + kl_mix · KL.
+  At ``kl_temperature`` 1 the KL term is logged as ``head{m}/kl``, the KL from the backbone's
+  distribution; at another temperature only the target is softened (the head's logits are not
+  divided), so it is the KL from a softened backbone, logged as ``head{m}/kl_soft``.
   With a draft vocabulary V' both distributions live on V': the teacher is the backbone's softmax
   over the V' logits (renormalised), and CE leaves out targets outside V' (no head can propose
   them). The accuracies count *every* target, a target outside V' as a miss, so they are the
@@ -95,9 +98,18 @@ def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, 
   # and sequential heads); past the end they are padding, where no head has a target.
   path_BxLxK = jnp.stack([_shift(batch["tokens"], j + 1) for j in range(max(1, hcfg.path_tokens))], axis=-1)
   teacher_hidden = jax.lax.stop_gradient(hidden_BxLxD)
+  # With the prefix layer the heads read its output (causal within each packed segment, at the
+  # segments' own positions, as the backbone's forward ran); the teacher stays the backbone's.
+  heads_in_BxLxD = hidden_BxLxD
+  if hcfg.prefix_layer:
+    positions_BxL = batch.get("positions")
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(hidden_BxLxD.shape[1], dtype=jnp.int32), hidden_BxLxD.shape[:2])
+    heads_in_BxLxD = heads_lib.heads_input(hcfg, cfg, params, hidden_BxLxD, positions_BxL,
+                                           model_lib.segment_causal_mask(batch["segment_ids"]))
 
   def one_head(m, p_m, tgt_BxL, ok_BxL, in_vocab_BxL, teacher_h_BxLxD):
-    logits = heads_lib.subset_logits(single, cfg, {"base": params["base"], "medusa": p_m}, hidden_BxLxD,
+    logits = heads_lib.subset_logits(single, cfg, {"base": params["base"], "medusa": p_m}, heads_in_BxLxD,
                                      path_BxLxK, first_head=m)[:, :, 0].astype(jnp.float32)
     ce, rank = _ce_and_rank(logits, tgt_BxL)
     ce_mean = _masked_mean(ce, ok_BxL & in_vocab_BxL)
@@ -125,7 +137,7 @@ def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, 
     metrics[f"head{m + 1}/loss"] = loss_m
     metrics[f"head{m + 1}/ce"] = ce
     if w_kl:
-      metrics[f"head{m + 1}/kl"] = kl
+      metrics[f"head{m + 1}/kl" if kl_temperature == 1.0 else f"head{m + 1}/kl_soft"] = kl
     for k in range(topk):
       metrics[f"head{m + 1}/top{k + 1}"] = acc[k]
   return total, metrics

@@ -20,7 +20,9 @@ One step of Medusa decoding (Cai et al. 2024, arXiv 2401.10774), for a batch:
                      sampling from the backbone at temperature T (and top-p).
   commit  The accepted nodes' K/V rows move to the cache rows right after the prefix.
   emit    Accepted tokens + the bonus token; the hidden state at the last accepted node is the
-          next step's draft input.
+          next step's draft input. With the heads' prefix layer (``heads.prefix_layer``) the
+          layer first runs over the accepted nodes' hidden states, appending them to its own
+          cache, and its output at the last accepted node is the draft input (``draft_carry``).
 
 Everything about the tree (mask, depths, gather indices, paths) is a NumPy constant of
 ``tree.TreeBuffers``, closed over by jit. Shape letters: B batch, N tree nodes, C root-to-leaf
@@ -43,6 +45,7 @@ from medusa_jax import cpu_kernels
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
 from medusa_jax import model as model_lib
+from medusa_jax import tree as tree_lib
 from medusa_jax.decode import DecodeParams, DecodeState, Sampling
 from medusa_jax.model import ModelConfig
 
@@ -75,6 +78,16 @@ class MedusaSpec:
     if self.tree.depth > self.heads.num_heads:
       raise ValueError(f"The tree is {self.tree.depth} deep but there are only {self.heads.num_heads} Medusa "
                        "heads: use a shallower tree or more heads.")
+
+
+def spec_from(config, hcfg: heads_lib.HeadsConfig | None = None, tree_spec: str | None = None) -> MedusaSpec:
+  """The Medusa step a config file asks for (``config.decode``), for heads ``hcfg`` (default
+  ``config.heads``) and a tree (default ``config.decode.tree``)."""
+  hcfg = hcfg or heads_lib.config_from(config)
+  d = config.decode
+  return MedusaSpec(heads=hcfg, tree=tree_lib.resolve(tree_spec or d.tree, num_heads=hcfg.num_heads),
+                    acceptance=d.acceptance, typical_epsilon=float(d.typical_epsilon),
+                    typical_delta=float(d.typical_delta), typical_bonus=d.typical_bonus)
 
 
 @flax.struct.dataclass
@@ -127,7 +140,7 @@ def head_candidates(spec: MedusaSpec, cfg: ModelConfig, params, hidden_BxD, root
   depth = len(spec.tree.segment_topk)
   hcfg = dataclasses.replace(spec.heads, num_heads=depth)
   sub = {"base": params["base"], "medusa": {k: (v if k == "vocab_ids" else v[:depth])
-                                            for k, v in params["medusa"].items()}}
+                                            for k, v in params["medusa"].items() if k != "prefix"}}
   logits_BxMxV = _head_logits(hcfg, cfg, sub, hidden_BxD[:, None], root_B[:, None], 0, weights or {})[:, 0]
   idx = jnp.concatenate([_top(logits_BxMxV[:, m], k) for m, k in enumerate(spec.tree.segment_topk)], axis=-1)
   idx = idx.astype(jnp.int32)
@@ -314,6 +327,32 @@ def commit(spec: MedusaSpec, cache, acc: Accepted, live_B):
   return model_lib.advance(cache, jnp.where(live_B, acc.count_B + 1, 0))
 
 
+def draft_carry(spec: MedusaSpec, cfg: ModelConfig, dp: DecodeParams, prefix, hidden_BxNxD, acc: Accepted, live_B
+                ) -> decode.DraftCarry:
+  """The next step's draft input: the hidden state at the last accepted node; with the prefix layer,
+  the layer's output there, after it ran over the accepted path's nodes (root first) at the rows
+  after its prefix, as in ``commit``. ``prefix`` is its cache; rejected nodes never enter it."""
+  b_B = jnp.arange(hidden_BxNxD.shape[0])
+  if not spec.heads.prefix_layer:
+    return decode.DraftCarry(hidden_BxNxD[b_B, acc.last_node_B])
+  # All A path slots run (a static shape); past the accepted count the path's padding (node 0) is
+  # written beyond the advanced index, where the next step's rows overwrite it before reading.
+  nodes_BxA = jnp.asarray(spec.tree.paths)[acc.path_B]
+  h_BxAxD = jnp.take_along_axis(hidden_BxNxD, nodes_BxA[:, :, None], axis=1)
+  out_BxAxD, prefix = heads_lib.prefix_decode(cfg, dp.params, h_BxAxD, prefix)
+  prefix = model_lib.advance(prefix, jnp.where(live_B, acc.count_B + 1, 0))
+  return decode.DraftCarry(out_BxAxD[b_B, acc.count_B], prefix=prefix)
+
+
+def prefill_carry(cfg: ModelConfig, dp: DecodeParams, hidden_BxPxD, lengths_B, capacity: int) -> decode.DraftCarry:
+  """The first draft input with the prefix layer: the layer over each (right-padded) prompt, its
+  output at the last prompt position; its cache then holds the prompt's rows (``decode.prefill``)."""
+  prefix = heads_lib.prefix_cache(cfg, hidden_BxPxD.shape[0], capacity)
+  out_BxPxD, prefix = heads_lib.prefix_decode(cfg, dp.params, hidden_BxPxD, prefix)
+  last_BxD = jnp.take_along_axis(out_BxPxD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  return decode.DraftCarry(last_BxD, prefix={**prefix, "index": lengths_B.astype(jnp.int32)})
+
+
 def emitted(spec: MedusaSpec, tokens_BxN, acc: Accepted):
   """[B, A]: the accepted candidates along the path, then the bonus token (the rest is padding)."""
   A = spec.tree.depth + 1
@@ -340,7 +379,7 @@ def medusa_step(cfg: ModelConfig, dp: DecodeParams, state: DecodeState, *, sampl
   else:
     acc = accept_sample(spec, sampling, logits_BxNxV, tokens_BxN, sub)
   cache = commit(spec, cache, acc, ~state.done_B)
-  carry = decode.DraftCarry(hidden_BxNxD[jnp.arange(tokens_BxN.shape[0]), acc.last_node_B])
+  carry = draft_carry(spec, cfg, dp, state.draft.prefix, hidden_BxNxD, acc, ~state.done_B)
   state = state.replace(cache=cache, rng=rng, steps=state.steps + 1, draft=carry)
   return decode.emit(state, emitted(spec, tokens_BxN, acc), acc.count_B + 1, cfg.eos_ids, sampling.max_new_tokens)
 
@@ -363,4 +402,5 @@ def make_decoder(cfg: ModelConfig, sampling: Sampling, spec: MedusaSpec | None =
       cfg, sampling, step_fn=functools.partial(medusa_step, spec=spec), room=spec.tree.num_nodes,
       slack=spec.tree.depth + 1, carry_draft=True,
       greedy_first=spec.acceptance == "typical" and spec.typical_bonus == "greedy",
-      heads_weights=functools.partial(heads_lib.decoding_weights, spec.heads, cfg), placement=placement)
+      heads_weights=functools.partial(heads_lib.decoding_weights, spec.heads, cfg), placement=placement,
+      draft_prefill=functools.partial(prefill_carry, cfg) if spec.heads.prefix_layer else None)

@@ -412,6 +412,16 @@ def forward(cfg: ModelConfig, base: Params, tokens_BxL, positions_BxL, mask, cac
   return out_logits, hidden, new_cache
 
 
+def decoder_layer(cfg: ModelConfig, p: Params, x_BxLxD, positions_BxL, mask, cache: Cache | None = None):
+  """One decoder layer with params ``p`` (a ``layers_i`` of ``param_shapes``) over ``x`` outside the
+  backbone (the heads' prefix layer, ``heads.prefix_layer``): ``forward``'s layer, mask and
+  cache conventions, for a one-layer ``init_cache``. Returns ``(x [B, L, D], new cache or None)``."""
+  index_B = None if cache is None else cache["index"]
+  x, lc = _layer(cfg, p, x_BxLxD.astype(cfg.compute_dtype), positions_BxL, mask,
+                 None if cache is None else cache["layers"][0], index_B, rope_inv_freq(cfg))
+  return x, None if cache is None else {**cache, "layers": [lc]}
+
+
 def advance(cache: Cache, num_B) -> Cache:
   """Makes the next ``num_B`` written rows of each sequence part of it."""
   return {**cache, "index": cache["index"] + num_B.astype(jnp.int32)}

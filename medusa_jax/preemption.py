@@ -17,6 +17,7 @@ Training has two paths (``TrainStop``):
   through Orbax's ``CheckpointManager``, so all hosts stop and save at the same step. A Python
   SIGTERM handler would replace the service's, so none is installed; SIGINT is forwarded to the
   service as a SIGTERM to this process, which makes a Ctrl-C on one host a preemption of all.
+  The service runs on CPU too: ``tests/test_multiprocess.py`` preempts one of two processes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from typing import Callable
 _log = logging.getLogger("medusa_jax.preemption")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _restorable(handler):
+  """``handler`` as ``signal.signal`` accepts it back. A handler installed from C (not from Python)
+  reads as None and Python cannot reinstall it: the default action takes its place, so a later stop
+  signal still stops the process instead of setting a flag no loop reads any more."""
+  return signal.SIG_DFL if handler is None else handler
 
 
 class StopSignals:
@@ -54,14 +62,14 @@ class StopSignals:
 
   def __exit__(self, *exc) -> None:
     for s, h in self._previous.items():
-      signal.signal(s, h)
+      signal.signal(s, _restorable(h))
     self._previous.clear()
 
   def _handle(self, signum, frame) -> None:
     del frame
     if self.received is not None:
       # Asked twice: give the signal its usual effect now (KeyboardInterrupt / termination).
-      signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+      signal.signal(signum, _restorable(self._previous.pop(signum, signal.SIG_DFL)))
       signal.raise_signal(signum)
       return
     self.received = signal.Signals(signum).name

@@ -8,12 +8,16 @@ import logging
 import os
 from typing import Any
 
+from absl import flags
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 
-from medusa_jax import config as config_lib
+from medusa_jax import checkpoint as ckpt
 from medusa_jax import convert
 from medusa_jax import heads as heads_lib
+from medusa_jax import release_heads
+from medusa_jax import sharding
 from medusa_jax.model import ModelConfig
 
 
@@ -23,6 +27,11 @@ class Loaded:
   params: dict           # {'base': ..., 'medusa': ...}
   tokenizer: Any
   heads: heads_lib.HeadsConfig
+
+
+def model_overrides(config) -> dict:
+  """What a config file changes in the backbone it loads (``convert.load_model``'s overrides)."""
+  return {"dtype": config.dtype, "param_dtype": "float32"}
 
 
 def random_heads(hcfg, cfg, base, seed: int = 0, scale: float = 0.02):
@@ -45,34 +54,46 @@ def load(config, heads: str | None = None, checkpoint: str | None = None) -> Loa
     checkpoint: a params-only export written by training (``--checkpoint DIR``); it holds both
       the backbone and the heads and takes precedence over ``heads``.
   """
-  cfg, base, tok = convert.load_model(config.model, **config_lib.model_overrides(config))
-  hcfg = config_lib.heads_config(config)
+  cfg, base, tok = convert.load_model(config.model, **model_overrides(config))
+  hcfg = heads_lib.config_from(config)
   if checkpoint:
-    from medusa_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
     params, hcfg = ckpt.load_export(checkpoint, cfg, base)
     return Loaded(cfg, params, tok, hcfg)
   base = jax.tree.map(jnp.asarray, base)
   if heads == "random":
     medusa = random_heads(hcfg, cfg, base, config.seed)
   elif heads and os.path.exists(os.path.join(heads, "export_meta.json")):  # heads of a medusa_jax export
-    from medusa_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
     exported, saved = ckpt.load_export(heads, cfg, base)
     if saved != hcfg:
       raise ckpt.CheckpointError(f"{heads} holds heads {saved}, but the config asks for {hcfg}: set config.heads "
                                  "to match, or use the export these heads came from.")
     medusa = exported["medusa"]
   elif heads:
-    hcfg, medusa = convert.load_medusa_heads(heads, cfg)
+    asked = hcfg
+    hcfg, medusa = release_heads.load(heads, cfg)
     medusa = jax.tree.map(jnp.asarray, medusa)
+    if asked.prefix_layer:  # the release has none: a fresh one (the identity) keeps the heads' outputs
+      hcfg = dataclasses.replace(hcfg, prefix_layer=True)
+      medusa["prefix"] = heads_lib.init_prefix(cfg, jax.random.PRNGKey(config.seed))
   else:
     medusa = heads_lib.init_params(hcfg, cfg, base)
   return Loaded(cfg, {"base": base, "medusa": medusa}, tok, hcfg)
 
 
+def decode_placement(config, loaded: Loaded) -> tuple[Any, dict]:
+  """(placement, params) to decode ``loaded`` with: in one process (None, its params), one device,
+  where the CPU kernel may run; with several (``jax.distributed``: every host runs the same
+  decoding) a ``sharding.DecodePlacement`` over all their devices (``config.mesh.decode_shape``)
+  and the params placed on it, each host building only its own devices' shards."""
+  if jax.process_count() == 1:
+    return None, loaded.params
+  placement = sharding.DecodePlacement.from_config(config, loaded.cfg, loaded.heads)
+  return placement, placement.put(loaded.params, placement.params(loaded.params))
+
+
 def quiet_jax_logs():
   """Library INFO logs off unless ``--verbosity`` is given: Orbax logs every file it writes, and jax
   that no TPU library was found on every CPU/GPU start."""
-  from absl import flags, logging as absl_logging  # pylint: disable=g-import-not-at-top
   if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):
     absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
@@ -89,6 +110,8 @@ def read_jsonl_prompts(path: str, num: int | None = None) -> list[dict]:
   """MT-Bench-style jsonl: {"question_id", "turns": [first, second, ...]}; the first turn is used."""
   if path == "mt_bench":
     path = os.path.join(os.path.dirname(__file__), "evaldata", "mt_bench_questions.jsonl")
+  if not os.path.isfile(path):  # open()'s own error names neither the format nor the bundled set
+    raise ValueError(f"{path}: no such prompts file (MT-Bench-style jsonl; 'mt_bench' is the bundled set).")
   out = []
   with open(path) as f:
     for n, line in enumerate(f, 1):

@@ -1,4 +1,7 @@
-"""Device mesh and shardings from the config: JAX SPMD is the distributed engine (no launcher).
+"""Device mesh and shardings from the config: JAX SPMD is the distributed engine.
+
+Every host runs the same command (``medusa_jax.launch`` runs it as several processes of one
+machine, to try a multi-host run there).
 
 ``config.mesh.shape`` names the mesh axes and their sizes (-1 = the rest of the devices, over all
 hosts); ``config.mesh.decode_shape`` (optional, default ``shape``) is the mesh for decoding;
@@ -37,18 +40,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medusa_jax import heads as heads_lib
+from medusa_jax import lora
 from medusa_jax import model as model_lib
+from medusa_jax import optim
 
 
 def maybe_initialize_distributed(config) -> None:
-  """Calls ``jax.distributed.initialize()`` when asked, or when the environment is a multi-host job.
+  """Calls ``jax.distributed.initialize`` when asked, or when the environment is a multi-host job.
 
-  On a TPU VM pod slice and under SLURM, ``initialize()`` finds the coordinator and this process's
-  index by itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID``. Must run before anything touches the devices.
+  On a TPU VM pod slice and under SLURM, ``initialize()`` finds the coordinator, the process count
+  and this process's index by itself. Elsewhere (``medusa_jax.launch``, a hand-written job) set
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``: JAX 0.10.2 reads only
+  the first of them, so the other two are read here and passed on. Must run before anything
+  touches the devices; a second call does nothing.
   """
   mode = config.mesh.get("distributed_init", "auto")
   if mode == "never" or jax.distributed.is_initialized():
@@ -58,7 +66,9 @@ def maybe_initialize_distributed(config) -> None:
           "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")) or (
               int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ)
   if mode == "always" or multi_host_env:
-    jax.distributed.initialize()
+    explicit = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                   ("process_id", "JAX_PROCESS_ID")) if os.environ.get(v)}
+    jax.distributed.initialize(**explicit)
     logging.info("jax.distributed initialised: process %d of %d, %d devices",
                  jax.process_index(), jax.process_count(), jax.device_count())
 
@@ -113,7 +123,6 @@ def make_mesh(config, devices=None, *, shape=None) -> Mesh:
   devices = devices if devices is not None else jax.devices()
   names, sizes = mesh_shape(config, len(devices), shape=shape)
   try:
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     # Physical-topology aware on TPU/GPU (the last axes get the fastest links) and host-contiguous.
     arr = mesh_utils.create_device_mesh(sizes, devices=devices, allow_split_physical_axes=True)
   except Exception:  # pylint: disable=broad-except  # CPU / unusual topologies
@@ -172,9 +181,8 @@ def tree_shardings(axes_tree, abstract_tree, rules, mesh: Mesh):
 
 def params_axes(cfg: model_lib.ModelConfig, hcfg: heads_lib.HeadsConfig, lcfg=None) -> dict:
   """Logical axes of ``{'base', 'medusa'}`` (and ``'lora'``: adapters shard like their matrices)."""
-  axes = {"base": model_lib.param_axes(cfg), "medusa": heads_lib.param_axes(hcfg)}
+  axes = {"base": model_lib.param_axes(cfg), "medusa": heads_lib.param_axes(hcfg, cfg)}
   if lcfg is not None:
-    from medusa_jax import lora  # pylint: disable=g-import-not-at-top
     axes["lora"] = lora.axes(lcfg, cfg)
   return axes
 
@@ -291,9 +299,8 @@ class TrainPlacement:
   """
 
   def __init__(self, config, mesh: Mesh, cfg, hcfg, tparams: dict, frozen: dict):
-    from medusa_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     self.mesh, self.rules = mesh, rules_of(config)
-    axes = params_axes(cfg, hcfg, config_lib.lora_config(config))
+    axes = params_axes(cfg, hcfg, lora.config_from(config))
     self.t_shard = tree_shardings(subtree_like(axes, tparams), tparams, self.rules, mesh)
     self.f_shard = tree_shardings(subtree_like(axes, frozen), frozen, self.rules, mesh) if frozen else {}
     self._base_axes = axes["base"]
@@ -363,12 +370,15 @@ class TrainPlacement:
     teacher = self._teacher if with_teacher else None
     if with_teacher and teacher is None:
       raise ValueError("call teacher_shardings (or put_frozen_like) before jitting a step with a teacher")
-    return (self.t_shard, self.opt_shardings(tx), self.f_shard, batch, self.replicated, teacher)
+    # (state, frozen, batch, teacher): the state's step counter is a replicated scalar.
+    state = optim.TrainState(step=self.replicated, params=self.t_shard, opt_state=self.opt_shardings(tx))
+    return (state, self.f_shard, batch, teacher)
 
   def step_out_shardings(self, tx):
-    # Params and optimizer state come back exactly as they went in, so the donated input buffers
-    # are reused in place; metrics are replicated scalars.
-    return (self.t_shard, self.opt_shardings(tx), self.replicated)
+    # The state comes back exactly as it went in, so the donated input buffers are reused in place;
+    # metrics are replicated scalars.
+    return (optim.TrainState(step=self.replicated, params=self.t_shard, opt_state=self.opt_shardings(tx)),
+            self.replicated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +428,10 @@ class DecodePlacement:
   def state(self, state):
     """Shardings of a ``decode.DecodeState`` (concrete or from ``jax.eval_shape``)."""
     per_seq = lambda x: ("batch",) + (None,) * (len(x.shape) - 1)
-    draft = None if state.draft is None else state.draft.replace(hidden_BxD=per_seq(state.draft.hidden_BxD))
+    draft = None if state.draft is None else state.draft.replace(
+        hidden_BxD=per_seq(state.draft.hidden_BxD),
+        # The heads' prefix layer's cache (heads.prefix_layer) shards as the backbone's does.
+        prefix=None if state.draft.prefix is None else heads_lib.prefix_cache_axes(self.cfg))
     axes = state.replace(
         cache=model_lib.cache_axes(self.cfg), tokens_BxT=per_seq(state.tokens_BxT), num_B=per_seq(state.num_B),
         done_B=per_seq(state.done_B), last_B=per_seq(state.last_B), rng=(None,) * len(state.rng.shape),

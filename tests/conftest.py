@@ -167,25 +167,25 @@ def train_config(data_dir: str, name: str = "smollm2_medusa1", **train):
 
 def tiny_train_parts(data_dir: str):
   """``train_config``'s model with random heads, split for training as the trainer splits it:
-  (config, model config, heads config, params, trainer.Split, trainer.StepConfig)."""
-  from medusa_jax import config as config_lib, convert, runtime, trainer  # pylint: disable=g-import-not-at-top
+  (config, model config, heads config, params, optim.Split, trainer.StepConfig)."""
+  from medusa_jax import convert, heads as heads_lib, optim, runtime, trainer  # pylint: disable=g-import-not-at-top
   c = train_config(data_dir)
   cfg, base, _ = convert.load_model(c.model)
-  hcfg = config_lib.heads_config(c)
+  hcfg = heads_lib.config_from(c)
   base = jax.tree.map(jnp.asarray, base)
   params = {"base": base, "medusa": runtime.random_heads(hcfg, cfg, base)}
-  return c, cfg, hcfg, params, trainer.split_for_training(c.train, params), trainer.step_config(c, cfg, hcfg)
+  return c, cfg, hcfg, params, optim.split_for_training(c.train, params), trainer.step_config(c, cfg, hcfg)
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """The ShareGPT dataset of ``train_config``, built once (training reuses it: same name and settings)."""
-  from medusa_jax import convert, data, trainer  # pylint: disable=g-import-not-at-top
+  from medusa_jax import convert, data, train_data  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp("train_data"))
   c = train_config(path)
   _, _, tok = convert.load_model(c.model)
   data.prepare_sharegpt(path, tok, max_len=c.data.max_len, max_examples=c.data.max_examples,
-                        heldout_fraction=c.data.heldout_fraction, name=trainer.dataset_name(c))
+                        heldout_fraction=c.data.heldout_fraction, name=train_data.dataset_name(c))
   return path
 
 

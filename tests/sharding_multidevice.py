@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,20 +30,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from medusa_jax import checkpoint as ckpt_lib
 from medusa_jax import config as config_lib
 from medusa_jax import decode
 from medusa_jax import medusa
 from medusa_jax import heads as heads_lib
 from medusa_jax import model as model_lib
+from medusa_jax import optim
 from medusa_jax import runtime
 from medusa_jax import sharding
 from medusa_jax import trainer
 from medusa_jax import tree as tree_lib
 from medusa_jax.model import ModelConfig
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Dimensions the meshes divide (8 query heads, MLP 128, vocabulary 256), except the 4 kv heads on an
 # 8-way tensor axis: those are replicated, the fallback every config relies on.
@@ -100,18 +97,19 @@ def train_on(c, shape, data):
   mesh = mesh_for(c, shape)
   rules = sharding.rules_of(c)
   params = sharding.init_params(CFG, HCFG, jax.random.PRNGKey(0), mesh, rules)  # sharded init
-  split = trainer.split_for_training(c.train, params)
+  split = optim.split_for_training(c.train, params)
   tparams, frozen, tx = split.tparams, split.frozen, split.tx
   placement = sharding.TrainPlacement(c, mesh, CFG, HCFG, tparams, frozen)
   placement.check_batch(c.train.batch_size)
   sc = dataclasses.replace(trainer.step_config(c, CFG, HCFG), rows=placement.rows)
   tparams, frozen = placement.put(tparams, frozen)
-  opt_state = jax.jit(tx.init, out_shardings=placement.opt_shardings(tx))(tparams)
+  state = optim.init_state(tx, placement, tparams)
   step_fn = trainer.jit_train_step(sc, tx, placement, False)
   losses = []
-  for i, b in enumerate(data):
-    tparams, opt_state, metrics = step_fn(tparams, opt_state, frozen, placement.put_batch(b), jnp.asarray(i), None)
+  for b in data:
+    state, metrics = step_fn(state, frozen, placement.put_batch(b), None)
     losses.append([float(metrics["loss"]), float(metrics["heads_loss"]), float(metrics["lm/loss"])])
+  tparams, opt_state = state.params, state.opt_state
   return {"losses": losses, "tparams": tparams, "opt_state": opt_state, "placement": placement, "tx": tx,
           "specs": {"wq": spec_of(tparams["base"]["layers_0"]["wq"]), "wk": spec_of(tparams["base"]["layers_0"]["wk"]),
                     "w_gate": spec_of(tparams["base"]["layers_0"]["w_gate"]),
@@ -151,8 +149,8 @@ def check_checkpoint(c, src, out):
     for shape in TRAIN_MESHES[1:]:
       mesh = mesh_for(c, shape)
       abstract = sharding.abstract_params(CFG, HCFG)
-      label_map = trainer.labels(abstract, c.train.trainable)
-      t_abs, f_abs = trainer.partition(abstract, label_map)
+      label_map = optim.labels(abstract, c.train.trainable)
+      t_abs, f_abs = optim.partition(abstract, label_map)
       pl = sharding.TrainPlacement(c, mesh, CFG, HCFG, t_abs, f_abs)
       target = {"params": sharding.with_shardings(t_abs, pl.t_shard),
                 "opt_state": sharding.with_shardings(jax.eval_shape(src["tx"].init, t_abs), pl.opt_shardings(src["tx"]))}

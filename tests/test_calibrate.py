@@ -59,8 +59,12 @@ def test_simulated_tokens_per_step_by_hand():
   # end. 5 positions, 2 steps. Sequence 2: nothing accepted: 2 positions, 2 steps.
   seqs = [np.array([[0, 0], [0, 0], [5, 5], [0, 1], [5, 5]]), np.array([[1, 0], [3, 3]])]
   assert calibrate.simulate_tokens_per_step(seqs, tree) == pytest.approx(7 / 4)
+  assert calibrate.simulate_steps(seqs, tree).tolist() == [2, 2]
   # The per-position sum of node values would say 1 + 4/7 + 2/7 = 1.857.
   assert calibrate.simulate_tokens_per_step(seqs, []) == 1.0
+  assert calibrate.simulate_steps(seqs, []).tolist() == [5, 2]
+  # A one-token generation (n - 1 = 0 rows) takes no step after the prefill.
+  assert calibrate.simulate_steps([np.zeros((0, 2), np.int64)], tree).tolist() == [0]
 
 
 def test_backbone_reproduces_its_greedy_output(tiny):

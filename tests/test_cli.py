@@ -5,6 +5,7 @@ too long, malformed data); ``--debug`` shows the traceback. Real subprocesses, a
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -74,3 +75,90 @@ def test_errors_from_elsewhere_keep_their_traceback():
   with pytest.raises(ValueError) as info:
     tree.resolve("dense:0,2")
   assert entry._raised_by_us(info.value)  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------------------------------------
+# What a new user types wrong: one `error:` line that says what to do, exit 2, before the model loads
+# ----------------------------------------------------------------------------------------------
+
+# A model that cannot load: a case that fails with its own message was checked before loading.
+NO_MODEL = "--config.model=/nonexistent/model"
+GEN = ("medusa_jax.generate", "--config", "configs/smollm2.py:tiny", NO_MODEL, "--prompt", "hi")
+NEW_USER = {
+    "mode": GEN + ("--mode", "fast"),
+    "temperature": GEN + ("--mode", "medusa", "--heads", "random", "--acceptance", "sample", "--temperature", "-1"),
+    "max_new_tokens": GEN + ("--max_new_tokens", "-5"),
+    "no_heads": ("medusa_jax.generate", "--config", "configs/smollm2_medusa1.py:tiny", NO_MODEL, "--prompt", "hi"),
+    "no_config": ("medusa_jax.generate", "--config", "configs/nosuch.py:tiny", "--prompt", "hi"),
+    "workdir": ("medusa_jax.train", "--config", "configs/smollm2_medusa1.py:tiny", NO_MODEL, "--workdir", "{tmp}/a_file/run"),
+    "prompts": ("medusa_jax.benchmark", "--config", "configs/smollm2.py:tiny", NO_MODEL, "--prompts", "missing.jsonl"),
+    "help_generate": ("medusa_jax.generate", "--help"),
+    "help_train": ("medusa_jax.train", "--help"),
+}
+
+
+@pytest.fixture(scope="module")
+def new_user(tmp_path_factory):
+  """``result(case) -> (rc, stdout, stderr)`` of each ``NEW_USER`` command. Importing JAX and torch is
+  most of each one's few seconds, so they are all started at once and overlap."""
+  tmp = tmp_path_factory.mktemp("new_user")
+  (tmp / "a_file").write_text("")  # a --workdir under a file cannot be created, even by root
+  procs = {}
+  for name, args in NEW_USER.items():
+    with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
+      procs[name] = subprocess.Popen([sys.executable, "-m", *(a.format(tmp=tmp) for a in args)], cwd=REPO,
+                                     stdout=out, stderr=err, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+  def result(name):
+    rc = procs[name].wait(timeout=300)
+    return rc, (tmp / f"{name}.out").read_text(), (tmp / f"{name}.err").read_text()
+
+  yield result
+  for p in procs.values():
+    if p.poll() is None:
+      p.kill()
+
+
+def _assert_exactly_one_error_line(rc, out, err, *needles):
+  lines = [l for l in err.splitlines() if l.strip() and not re.match(r"[IWE]\d{4} ", l)]  # absl's log lines
+  assert rc == 2, (rc, out, err)
+  assert len(lines) == 1 and lines[0].startswith("error: "), (lines, out)
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("mode", ("--mode 'fast' is not a decoding mode", "vanilla, medusa")),
+    ("temperature", ("--temperature must be 0 (greedy) or more",)),
+    ("max_new_tokens", ("--max_new_tokens must be", "at least 1")),
+    ("no_heads", ("Medusa decoding needs heads", "--checkpoint WORKDIR/export", "--heads random")),
+    ("no_config", ("--config configs/nosuch.py: no such file", os.path.join("configs", "smollm2_medusa1.py"))),
+    ("workdir", ("--workdir", "cannot be written")),
+    ("prompts", ("--prompts missing.jsonl: no such file", "mt_bench", "sharegpt_heldout")),
+])
+def test_a_new_users_mistakes_are_one_line_before_the_model_loads(new_user, case, needles):
+  _assert_exactly_one_error_line(*new_user(case), *needles)
+
+
+@pytest.mark.parametrize("module, names", [
+    ("generate", ("--prompt", "--config", "--checkpoint", "--tree", "--mode", "--max_new_tokens", "--temperature")),
+    ("train", ("--config", "--workdir")),
+])
+def test_help_exits_0_with_the_flags_a_user_needs(new_user, module, names):
+  rc, out, err = new_user(f"help_{module}")
+  assert rc == 0, (rc, out, err)
+  for name in names + ("--[no]debug", "config keys: medusa_jax/config.py default_config()"):
+    assert name in out, (name, out)
+  assert "--jax_" not in out and len(out.splitlines()) < 80, out  # not absl's --helpfull
+
+
+@pytest.mark.parametrize("script", ["medusa-train", "medusa-distill", "medusa-calibrate", "medusa-benchmark",
+                                    "medusa-generate"])
+def test_console_scripts_are_installed_and_answer_help(script):
+  """`pip install -e .` (make setup) installs one console script per command (pyproject.toml)."""
+  path = os.path.join(os.path.dirname(sys.executable), script)
+  assert os.path.exists(path), f"{script} is not installed: run `pip install -e .`"
+  proc = subprocess.run([path, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr
+  assert "--config" in proc.stdout, proc.stdout

@@ -17,10 +17,14 @@ import jax
 import pytest
 from ml_collections import config_flags
 
-from medusa_jax import config as config_lib
 from medusa_jax import convert
+from medusa_jax import decode
 from medusa_jax import heads as heads_lib
+from medusa_jax import medusa
 from medusa_jax import model as model_lib
+from medusa_jax import optim
+from medusa_jax import runtime
+from medusa_jax import train_data
 from medusa_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +72,7 @@ def _model_config(c) -> model_lib.ModelConfig:
   small Llama with SmolLM2's vocabulary (draft vocabularies must fit in it) and every optional
   parameter (untied LM head, qkv biases): parameter paths do not depend on the other sizes."""
   if "model_arch" in c:
-    return convert.config_from_hf(c.model_arch.to_dict(), **config_lib.model_overrides(c))
+    return convert.config_from_hf(c.model_arch.to_dict(), **runtime.model_overrides(c))
   return model_lib.ModelConfig(vocab_size=49152, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                                mlp_dim=128, tie_embeddings=False, qkv_bias=True)
 
@@ -79,23 +83,23 @@ def test_config_loads_and_is_consistent(path, variant):
   assert c.is_locked
   assert "python -m medusa_jax." in _docstring(path), "put the launch command in the config's docstring"
   # The conversions at the module boundary.
-  hcfg = config_lib.heads_config(c)
-  config_lib.sampling(c)
-  config_lib.medusa_spec(c, hcfg)
-  trainer.dataset_name(c)
+  hcfg = heads_lib.config_from(c)
+  decode.sampling_from(c)
+  medusa.spec_from(c, hcfg)
+  train_data.dataset_name(c)
   # Training: every parameter matched by a rule, every group with a schedule, an optimizer that builds.
   cfg = _model_config(c)
   trainer.step_config(c, cfg, hcfg)
   params = jax.eval_shape(lambda k: trainer.with_adapters(c, cfg, (lambda b: {
       "base": b, "medusa": heads_lib.init_params(hcfg, cfg, b)})(model_lib.init_params(cfg, k))), jax.random.PRNGKey(0))
-  label_map = trainer.labels(params, c.train.trainable)
+  label_map = optim.labels(params, c.train.trainable)
   if "lora" in params:  # adapters train; the base weights stay frozen under them
     assert all(label_map[p] is None for p in label_map if p.startswith("base/"))
     assert all(label_map[p] is not None for p in label_map if p.startswith("lora/"))
   assert all(label_map[p] is None for p in label_map if p == "medusa/vocab_ids"), "the draft vocabulary is data"
   assert any(g is not None for p, g in label_map.items() if p.startswith("medusa/")), "the heads must train"
-  tparams, _ = trainer.partition(params, label_map)
-  tx, _ = trainer.make_optimizer(c.train, {k: v for k, v in label_map.items() if v is not None}, c.train.steps)
+  tparams, _ = optim.partition(params, label_map)
+  tx, _ = optim.make_optimizer(c.train, {k: v for k, v in label_map.items() if v is not None}, c.train.steps)
   jax.eval_shape(tx.init, tparams)
 
 

@@ -1,4 +1,4 @@
-"""Tests of the data pipeline: ShareGPT streaming, assistant-only loss masks, TFDS storage, grain batches."""
+"""Tests of the data pipeline (medusa_jax/data.py): TFDS storage and the heldout split, grain batches."""
 
 import itertools
 import json
@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from medusa_jax import bundled
+from medusa_jax import chat
 from medusa_jax import data
-
-EOS = '<|im_end|>'
 
 
 @pytest.fixture(scope='module')
@@ -20,156 +19,9 @@ def tok():
   return bundled.smollm2_tokenizer()
 
 
-def _masked_runs(tokenizer, example):
-  """Decoded text of each maximal run of masked tokens."""
-  mask = np.asarray(example['loss_mask']).astype(bool)
-  runs, start = [], None
-  for i, m in enumerate(list(mask) + [False]):
-    if m and start is None:
-      start = i
-    elif not m and start is not None:
-      runs.append(tokenizer.decode(example['tokens'][start:i]))
-      start = None
-  return runs
-
-
 def _conv(cid, *texts, first='human'):
   roles = itertools.cycle([first, 'gpt' if first == 'human' else 'human'])
   return {'id': cid, 'conversations': [{'from': r, 'value': t} for r, t in zip(roles, texts)]}
-
-
-# --------------------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------------------
-
-def test_loss_mask_is_exactly_the_assistant_replies(tok):
-  conv = _conv('a', 'Hi there, who are you?', 'I am SmolLM.\n\nNice to meet you!',
-               'Write 2+2 in Python.', '```python\nprint(2 + 2)\n```', 'Merci ! ça va ?', 'Oui, très bien.')
-  ex = data.render_example(tok, conv, max_len=4096)
-  assert ex['tokens'].dtype == np.int32 and ex['loss_mask'].dtype == np.int32
-  replies = [t['value'] for t in conv['conversations'][1::2]]
-  assert _masked_runs(tok, ex) == [r + EOS for r in replies]
-  # Everything unmasked is template or user text: removing the replies from the full text leaves
-  # exactly the unmasked tokens' text.
-  unmasked = tok.decode(ex['tokens'][ex['loss_mask'] == 0])
-  full = tok.decode(ex['tokens'])
-  for r in replies:
-    full = full.replace(r + EOS, '', 1)
-  assert unmasked == full
-  assert '<|im_start|>assistant\n' in unmasked and 'Hi there' in unmasked
-
-
-def test_system_turn_and_leading_assistant_turn(tok):
-  conv = {'id': 's', 'conversations': [
-      {'from': 'system', 'value': 'Answer briefly.'}, {'from': 'gpt', 'value': 'orphan reply'},
-      {'from': 'human', 'value': 'Capital of France?'}, {'from': 'gpt', 'value': 'Paris.'}]}
-  ex = data.render_example(tok, conv, max_len=512)
-  text = tok.decode(ex['tokens'])
-  assert text.startswith('<|im_start|>system\nAnswer briefly.<|im_end|>')
-  assert 'orphan' not in text
-  assert _masked_runs(tok, ex) == ['Paris.' + EOS]
-  # Without a system turn the template's default one is used, and never masked.
-  ex = data.render_example(tok, _conv('n', 'Capital of France?', 'Paris.'), max_len=512)
-  assert 'SmolLM' in tok.decode(ex['tokens']) and _masked_runs(tok, ex) == ['Paris.' + EOS]
-
-
-def test_openai_style_messages_and_odd_whitespace(tok):
-  messages = [{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': '  y z\n'}]
-  ex = data.render_example(tok, messages, max_len=512)
-  runs = _masked_runs(tok, ex)
-  # A token straddling the header/reply boundary stays unmasked: the mask only ever lies inside.
-  assert len(runs) == 1 and ('  y z\n' + EOS).endswith(runs[0]) and runs[0].endswith('y z\n' + EOS)
-
-
-def test_unusable_conversations_and_truncation(tok):
-  assert data.render_example(tok, _conv('u', 'only a question'), 512) is None
-  assert data.render_example(tok, _conv('g', 'reply', first='gpt'), 512) is None
-  assert data.render_example(tok, _conv('e', 'q', '   '), 512) is None
-  assert data.render_example(tok, {'conversations': [{'from': 'alien', 'value': 'x'}]}, 512) is None
-  # Non-alternating turns: keep the alternating prefix.
-  conv = {'conversations': [{'from': 'human', 'value': 'a'}, {'from': 'gpt', 'value': 'b'},
-                            {'from': 'gpt', 'value': 'c'}]}
-  assert _masked_runs(tok, data.render_example(tok, conv, 512)) == ['b' + EOS]
-  long = _conv('l', 'question ' * 50, 'answer ' * 200)
-  ex = data.render_example(tok, long, max_len=100)
-  assert len(ex['tokens']) == 100 and ex['loss_mask'][-1] == 1
-  # The prompt alone fills max_len: nothing to learn.
-  assert data.render_example(tok, long, max_len=40) is None
-
-
-def test_first_user_prompt():
-  assert data.first_user_prompt(_conv('a', 'hello', 'hi')) == 'hello'
-  assert data.first_user_prompt(_conv('b', 'r', 'q2', 'r2', first='gpt')) == 'q2'
-  assert data.first_user_prompt([{'role': 'system', 'content': 's'},
-                                 {'role': 'user', 'content': 'u'}]) == 'u'
-  assert data.first_user_prompt({'conversations': []}) is None
-
-
-def test_real_sharegpt_masks(tok):
-  stats = {}
-  records = list(itertools.islice(data.iter_sharegpt(bundled.sharegpt_path(), stats), 40))
-  assert len(records) == 40 and stats['kept'] == 40
-  n_checked = 0
-  for record in records:
-    messages = data.to_messages(record)
-    ex = data.render_example(tok, record, max_len=1024)
-    if ex is None:
-      continue
-    replies = [m['content'] + EOS for m in messages if m['role'] == 'assistant']
-    runs = _masked_runs(tok, ex)
-    assert 0 < len(runs) <= len(replies)
-    for run, reply in zip(runs, replies):
-      # Truncation may cut the last run; a boundary token may trim its start.
-      assert run in reply
-    assert all(run == reply for run, reply in zip(runs[:-1], replies))
-    n_checked += 1
-  assert n_checked >= 20
-
-
-# --------------------------------------------------------------------------------------------------
-# ShareGPT streaming
-# --------------------------------------------------------------------------------------------------
-
-def test_iter_sharegpt_skips_and_counts(tmp_path):
-  good = [_conv(f'g{i}', f'question {i} ✓', f'answer {i} ' + 'x' * i) for i in range(5)]
-  parts = [json.dumps(good[0]), '42', json.dumps({'id': 'nc'}),
-           json.dumps({'id': 'empty', 'conversations': []}),
-           json.dumps(_conv('alien', 'a', 'b') | {'conversations': [{'from': 'alien', 'value': 'a'}]}),
-           json.dumps({'id': 'nv', 'conversations': [{'from': 'human', 'value': 3}]}),
-           json.dumps(good[1]),
-           '{"id": "broken", "conversations": [}',  # A syntax error in mid-file.
-           json.dumps(good[2]), '{"id":]', json.dumps(good[3])]
-  text = '[\n' + ',\n'.join(parts) + ',\n' + json.dumps(good[4], indent=2) + ']'
-  path = tmp_path / 'ok.json'
-  path.write_text(text, encoding='utf-8')
-  for chunk in (3, 7, 1 << 20):  # Tiny chunks put record boundaries across reads.
-    stats = {}
-    out = list(data.iter_sharegpt(str(path), stats, chunk_chars=chunk))
-    assert [r['id'] for r in out] == [f'g{i}' for i in range(5)], chunk
-    assert out[0] == good[0]
-    assert stats == {'records': 10, 'kept': 5, 'malformed': 7, 'truncated_tail': 0}, chunk
-
-  cut = text[:text.index('"answer 4')]  # Truncated mid-record, as the bundled file is.
-  path.write_text(cut, encoding='utf-8')
-  stats = {}
-  assert [r['id'] for r in data.iter_sharegpt(str(path), stats, chunk_chars=5)] == [
-      f'g{i}' for i in range(4)]
-  assert stats == {'records': 9, 'kept': 4, 'malformed': 7, 'truncated_tail': 1}
-
-  for junk in ('', '{"not": "an array"}', '[', '[1, 2', '[]'):
-    path.write_text(junk, encoding='utf-8')
-    assert list(data.iter_sharegpt(str(path))) == []
-
-
-def test_iter_sharegpt_streams_the_bundled_file():
-  stats = {}
-  it = data.iter_sharegpt(bundled.sharegpt_path(), stats)
-  first = list(itertools.islice(it, 300))
-  it.close()
-  assert first[0]['id'] == 'QWJhYvA_0'
-  assert len({r['id'] for r in first}) == 300
-  assert all(t['from'] in data.ROLE_MAP for r in first for t in r['conversations'])
-  assert stats['records'] <= 310
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +48,7 @@ def test_build_and_load_without_tensorflow(tmp_path, tok):
   assert path.endswith('medusa_chat/fake/1.0.0')
   expected = {}
   for c in convs:
-    ex = data.render_example(tok, c, 48)
+    ex = chat.render_example(tok, c, 48)
     if ex is not None:
       expected[c['id']] = ex
   seen = {}
@@ -284,7 +136,7 @@ def test_loader_unpacked_layout_and_determinism():
   kw = dict(batch_size=4, seq_len=16, seed=3)
   batches = _take(data.make_loader(src, **kw), 12)  # Crosses an epoch boundary (37 examples).
   for b in batches:
-    assert set(b) == {'tokens', 'loss_mask', 'segment_ids', 'positions'}
+    assert set(b) == {'tokens', 'loss_mask', 'segment_ids', 'positions', 'id'}
     for key in b:
       assert b[key].shape == (4, 16) and b[key].dtype == np.int32
     for row in range(4):
@@ -294,6 +146,7 @@ def test_loader_unpacked_layout_and_determinism():
       np.testing.assert_array_equal(b['loss_mask'][row, :n], ex['loss_mask'][:n])
       np.testing.assert_array_equal(b['segment_ids'][row], np.arange(16) < n)
       np.testing.assert_array_equal(b['positions'][row], np.where(np.arange(16) < n, np.arange(16), 0))
+      np.testing.assert_array_equal(b['id'][row], np.where(np.arange(16) < n, (b['tokens'][row, 0] - 1) // 1000 + 1, 0))
       assert not b['tokens'][row, n:].any() and not b['loss_mask'][row, n:].any()
   _assert_batches_equal(batches, _take(data.make_loader(src, **kw), 12))
   other = _take(data.make_loader(src, **(kw | {'seed': 4})), 12)
@@ -347,6 +200,7 @@ def test_loader_packing():
         np.testing.assert_array_equal(toks[idx], ex['tokens'][:len(idx)])
         np.testing.assert_array_equal(mask[idx], ex['loss_mask'][:len(idx)])
         assert len(idx) == min(len(ex['tokens']), 24)
+        assert (b['id'][row][idx] == (toks[idx[0]] - 1) // 1000 + 1).all()
         n_segments += 1
   assert n_segments > 50  # Really packed: well above one example per row.
   _assert_batches_equal(
@@ -364,3 +218,26 @@ def test_loader_checkpoint_resumes_exactly(pack):
   fresh = data.make_loader(src, **kw)
   fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 8), expected)
+
+
+def _ids(batch):
+  return sorted(int(i) - 1 for i in np.unique(batch['id']) if i)
+
+
+def test_loader_state_resumes_on_another_shard_count():
+  """A position saved by 2 hosts ({'processes': [each host's state]}, as a checkpoint of several
+  processes holds it) resumes on 1 host exactly where one host reading the same stream would be,
+  and on the same 2 hosts each host gets its own state back."""
+  src = _toy_source(40)
+  kw = dict(seq_len=8, seed=5)
+  hosts = [data.make_loader(src, batch_size=2, shard_index=s, shard_count=2, **kw) for s in range(2)]
+  seen = [_ids(b) for it in hosts for b in _take(it, 3)]
+  saved = json.loads(json.dumps({'processes': [it.get_state() for it in hosts]}))
+  one = data.make_loader(src, batch_size=4, **kw)
+  assert sorted(sum(seen, [])) == sorted(sum((_ids(b) for b in _take(one, 3)), []))
+  resumed = data.make_loader(src, batch_size=4, **kw)
+  resumed.set_state(saved)
+  _assert_batches_equal(_take(resumed, 9), _take(one, 9))  # across the epoch boundary (10 batches)
+  again = data.make_loader(src, batch_size=2, shard_index=1, shard_count=2, **kw)
+  again.set_state(saved)
+  _assert_batches_equal(_take(again, 4), _take(hosts[1], 4))

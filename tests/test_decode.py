@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medusa_jax import bundled
 from medusa_jax import decode
 
 NO_EOS = 255  # never produced by greedy decoding of PROMPTS on the tiny model (checked where it matters)
@@ -244,3 +245,30 @@ def test_sliding_window_caps_the_context_with_a_clear_error():
   assert convert.config_from_hf({**hf, "sliding_window": None}).max_seq_len == 32768
   assert convert.config_from_hf({**hf, "sliding_window": 65536}).sliding_window is None
   assert convert.config_from_hf({**hf, "model_type": "qwen2", "use_sliding_window": False}).max_seq_len == 32768
+
+
+# ----- many prompts --------------------------------------------------------------------------------
+
+
+def test_batched_generate_shortest_first_in_batches_of_one_shape(tiny, greedy16):
+  cfg, params = tiny
+  dec = _decoder(cfg, max_new_tokens=16)
+  shapes, real = [], dec.generate
+
+  def recording(p, prompts, rng=None):
+    shapes.append(len(prompts))
+    return real(p, prompts, rng)
+
+  dec.generate = recording
+  got = list(decode.batched_generate(dec, params, PROMPTS, 2, jax.random.PRNGKey(0)))
+  assert [idx for idx, _ in got] == [[0, 2], [1]]  # prompt lengths 5, 11, then 17
+  assert shapes == [2, 2]  # the short last batch is filled up to the same shape
+  out = {i: o for idx, outs in got for i, o in zip(idx, outs)}
+  assert [out[i] for i in range(len(PROMPTS))] == greedy16[0]
+
+
+def test_reply_text_strips_the_end_token():
+  tok = bundled.smollm2_tokenizer()
+  ids = tok.encode("Hello there.", add_special_tokens=False)
+  assert decode.reply_text(tok, ids + [2], (2,)) == "Hello there."
+  assert decode.reply_text(tok, ids, (2,)) == "Hello there."

@@ -1,16 +1,15 @@
-"""Tests of self-distillation (medusa_jax/distill.py): prompt selection, resume after a kill, the TFDS dataset."""
+"""Tests of self-distillation (medusa_jax/distill.py): the replies file, resume after a kill, the TFDS dataset."""
 
-import itertools
 import json
 import os
 
 import pytest
 
-from medusa_jax import bundled
 from medusa_jax import config as config_lib
 from medusa_jax import data
 from medusa_jax import decode
 from medusa_jax import distill
+from medusa_jax import prompts as prompts_lib
 from medusa_jax import runtime
 
 
@@ -36,45 +35,12 @@ class _Interrupt(Exception):
   pass
 
 
-def test_dataset_name_separates_settings():
-  c = config_lib.default_config()
-  base = distill.dataset_name(c)
-  assert base == "distill_smollm2_135m_instruct_t0_g256_p256_h0p02_n1024e32_l512"
-  names = {base}
-  for key, value in (("num_prompts", 2048), ("temperature", 0.3), ("max_new_tokens", 128), ("max_prompt_len", 512)):
-    c2 = config_lib.default_config()
-    c2.distill[key] = value
-    names.add(distill.dataset_name(c2))
-  c2 = config_lib.default_config()
-  c2.data.max_len = 1024
-  names.add(distill.dataset_name(c2))
-  c2 = config_lib.default_config()
-  c2.model = "/some/where/export"
-  names.add(distill.dataset_name(c2))
-  assert len(names) == 7
+def test_default_workdir_is_shared_by_every_num_prompts():
   # The replies of a larger run extend a smaller one: num_prompts is not in the workdir.
+  c = config_lib.default_config()
   c3 = config_lib.default_config()
   c3.distill.num_prompts = 7
   assert distill.default_workdir(c3) == distill.default_workdir(c)
-
-
-def test_prompts_come_from_the_train_split_only():
-  tok = bundled.smollm2_tokenizer()
-  prompts = lambda split, n: list(itertools.islice(distill.sharegpt_prompts(
-      tok, split=split, heldout_fraction=0.02, max_prompt_len=100), n))
-  train, held = prompts("train", 30), prompts("heldout", 3)
-  assert len(train) == 30 and len(held) == 3
-  assert all(not data.is_heldout(p.id, 0.02) for p in train)
-  assert all(data.is_heldout(p.id, 0.02) for p in held)
-  assert all(len(p.tokens) <= 100 for p in train + held)
-  assert list(train[0].tokens) == runtime.chat_prompt(tok, train[0].text)
-
-
-def test_reply_text_strips_the_end_token():
-  tok = bundled.smollm2_tokenizer()
-  ids = tok.encode("Hello there.", add_special_tokens=False)
-  assert distill.reply_text(tok, ids + [2], (2,)) == "Hello there."
-  assert distill.reply_text(tok, ids, (2,)) == "Hello there."
 
 
 def test_replies_with_unicode_line_separators_survive(tmp_path):
@@ -132,14 +98,14 @@ def test_resume_after_a_kill_and_a_larger_run(tiny_chat_dir, tmp_path, monkeypat
   assert recs[:4] == first  # earlier replies are kept as they were
   assert not any(data.is_heldout(i, c8.data.heldout_fraction) for i in ids)
   # The first 8 train-split prompts, in file order.
-  expected = [p.id for p in distill.select_prompts(c8, loaded.tokenizer)]
+  expected = [p.id for p in prompts_lib.select_prompts(c8, loaded.tokenizer)]
   assert sorted(ids) == sorted(expected)
   for r in recs:
     turns = r["conversations"]
     assert [t["from"] for t in turns] == ["human", "gpt"] and isinstance(turns[1]["value"], str)
 
   # Both datasets exist under their own names and load back.
-  assert name4 != name8 == distill.dataset_name(c8)
+  assert name4 != name8 == prompts_lib.distilled_dataset_name(c8)
   train = data.load_split(c8.data.data_dir, name8, "train")
   held = data.load_split(c8.data.data_dir, name8, "heldout")
   meta = data.dataset_metadata(c8.data.data_dir, name8)

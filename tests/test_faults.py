@@ -8,9 +8,10 @@ Training runs are the shared tiny run of conftest.py (``train_config``), interru
 - SIGTERM under ``jax.distributed`` (JAX's preemption service picks the step), then kill -9 while
   that preemption save is being written: the half-written step is ignored with a warning, never
   loaded, and the run resumes from the step before.
-- Non-finite losses injected at chosen steps (``StepConfig.inject_nonfinite_at``, a test-only
-  field): params and the whole optimizer state stay bit-identical; too many in a row stop the run
-  with ``NonFiniteError`` and nothing after the last good checkpoint is saved.
+- Non-finite losses injected at chosen steps (``trainer.loss_fn`` monkeypatched to multiply the loss
+  by NaN at those steps): params and the whole optimizer state stay bit-identical, but the step
+  counts, so schedules and Medusa-2's joint stage keep to their global steps; too many in a row
+  stop the run with ``NonFiniteError`` and nothing after the last good checkpoint is saved.
 - An export killed before its rename leaves the previous export whole.
 - Distillation killed with -9 in the middle of a reply record, and stopped by SIGTERM.
 
@@ -22,7 +23,6 @@ subprocess's own code, not in the library.
 Run time: under two minutes on 2 cores (about a third of it importing JAX in subprocesses).
 """
 
-import dataclasses
 import json
 import logging
 import os
@@ -45,9 +45,14 @@ from medusa_jax import checkpoint as ckpt_lib
 from medusa_jax import config as config_lib
 from medusa_jax import convert
 from medusa_jax import data as data_lib
+from medusa_jax import decode
 from medusa_jax import distill
 from medusa_jax import preemption
+from medusa_jax import prompts as prompts_lib
+from medusa_jax import optim
 from medusa_jax import runtime
+from medusa_jax import train_data
+from medusa_jax import train_log
 from medusa_jax import trainer
 
 from conftest import TRAIN_STEPS, load_config, tb_scalars, tiny_train_parts, train_config, without_timing
@@ -313,6 +318,24 @@ def _stop_signals_check():
     assert service.received == "SIGTERM"
 
 
+def test_a_previous_handler_installed_from_c_becomes_the_default_on_exit(monkeypatch):
+  """``signal.signal`` reports a handler that C code installed (JAX's preemption service, a native
+  library) as None, which it does not accept back: on exit the default action takes its place."""
+  real = signal.signal
+  calls = []
+
+  def from_c(signum, handler):
+    old = real(signum, handler)
+    calls.append(handler)
+    return None if len(calls) == 1 else old  # the handler it replaced was installed from C
+
+  monkeypatch.setattr(signal, "signal", from_c)
+  with preemption.StopSignals((signal.SIGUSR1,)):
+    pass
+  monkeypatch.undo()
+  assert calls[-1] == signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 class _Killed(Exception):
   pass
 
@@ -346,38 +369,52 @@ def test_an_export_killed_half_way_leaves_the_previous_one_whole(run_a, tmp_path
 # Non-finite steps
 # ----------------------------------------------------------------------------------------------
 
-def test_a_nonfinite_step_leaves_params_and_the_whole_optimizer_state_bit_identical(data_dir):
+def _poison(monkeypatch, steps):
+  """Makes the loss (and so every gradient) NaN at these 0-based global steps: ``trainer.loss_fn``,
+  which train and eval steps trace, wrapped; jit traces after this, so the patch is in the program."""
+  real = trainer.loss_fn
+
+  def poisoned(sc, tparams, frozen, batch, step, teacher_base=None):
+    total, metrics = real(sc, tparams, frozen, batch, step, teacher_base)
+    total = total * jnp.where(jnp.any(step == jnp.asarray(steps)), jnp.nan, 1.0)
+    return total, {**metrics, "loss": total}
+
+  monkeypatch.setattr(trainer, "loss_fn", poisoned)
+
+
+def test_a_nonfinite_step_leaves_params_and_the_whole_optimizer_state_bit_identical(data_dir, monkeypatch):
   c, _, _, _, split, sc = tiny_train_parts(data_dir)
   tparams, frozen, tx = split.tparams, split.frozen, split.tx
-  sc = dataclasses.replace(sc, inject_nonfinite_at=(1,))
-  step_fn = jax.jit(lambda t, o, b, s: trainer.train_step(sc, tx, t, o, frozen, b, s))
-  src = data_lib.load_split(data_dir, trainer.dataset_name(c), "train")
+  _poison(monkeypatch, (1,))
+  step_fn = jax.jit(lambda state, b: trainer.train_step(sc, tx, state, frozen, b))
+  src = data_lib.load_split(data_dir, train_data.dataset_name(c), "train")
   batch = next(data_lib.make_loader(src, batch_size=2, seq_len=c.train.seq_len, seed=0))
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "id"}
 
-  states, metrics = [(tparams, tx.init(tparams))], []
-  for step in range(3):
-    t, o, m = step_fn(*states[-1], batch, jnp.asarray(step))
-    states.append(jax.tree.map(np.asarray, (t, o)))
+  states, metrics = [optim.TrainState(step=jnp.asarray(0), params=tparams, opt_state=tx.init(tparams))], []
+  for _ in range(3):
+    state, m = step_fn(states[-1], batch)
+    states.append(jax.tree.map(np.asarray, state))
     metrics.append(jax.device_get(m))
   assert [int(m["skipped"]) for m in metrics] == [0, 1, 0]
   assert not np.isfinite(metrics[1]["loss"]) and not np.isfinite(metrics[1]["grad_norm"])
-  assert _same(states[2], states[1])  # params, Adam's moments and its step count
+  # Params, Adam's moments and its count unchanged by the skipped step; the global step counts it.
+  assert _same((states[2].params, states[2].opt_state), (states[1].params, states[1].opt_state))
+  assert [int(s.step) for s in states] == [0, 1, 2, 3]
   # The good steps do change the state (the first one's learning rate is 0: only Adam's moments move).
-  assert not _same(states[1], jax.tree.map(np.asarray, states[0])) and not _same(states[3][0], states[2][0])
-  counts = [int(leaf) for leaf in jax.tree.leaves(states[3][1]) if np.ndim(leaf) == 0 and leaf.dtype == np.int32]
-  assert counts and set(counts) == {2}, counts  # two updates applied, the skipped step not counted
+  assert not _same(states[1].opt_state, jax.tree.map(np.asarray, states[0].opt_state))
+  assert not _same(states[3].params, states[2].params)
+  counts = [int(leaf) for leaf in jax.tree.leaves(states[3].opt_state) if np.ndim(leaf) == 0 and leaf.dtype == np.int32]
+  assert counts and set(counts) == {2}, counts  # two updates applied: Adam's bias correction counts those
 
 
 def test_nonfinite_steps_are_skipped_logged_and_too_many_in_a_row_stop_the_run(data_dir, tmp_path, monkeypatch,
                                                                                capsys):
   # Non-finite at 0-based steps 2, 4 and 5, i.e. the steps logged as 3, 5 and 6; two in a row stop.
   c = train_config(data_dir, steps=8, eval_every=0, checkpoint_every=1, keep_checkpoints=10, max_nonfinite_steps=2)
-  real = trainer.step_config
-  monkeypatch.setattr(trainer, "step_config",
-                      lambda *a: dataclasses.replace(real(*a), inject_nonfinite_at=(2, 4, 5)))
+  _poison(monkeypatch, (2, 4, 5))
   workdir = str(tmp_path / "wd")
-  with pytest.raises(trainer.NonFiniteError) as err:
+  with pytest.raises(train_log.NonFiniteError) as err:
     trainer.train_and_evaluate(c, workdir)
   msg = str(err.value)
   assert "\n" not in msg
@@ -398,9 +435,48 @@ def test_nonfinite_steps_are_skipped_logged_and_too_many_in_a_row_stop_the_run(d
   assert [scalars[("train/skipped_steps", s)] for s in range(1, 6)] == [0, 0, 1, 0, 1]
 
 
+def test_a_skipped_step_delays_neither_the_schedules_nor_the_joint_stage(data_dir, tmp_path, monkeypatch):
+  """Medusa-2 (``:full_backbone``, 2 heads-only steps, a 2-step backbone warm-up) with step 0 skipped:
+  every group's learning rate is its schedule's at the global step. So the heads' first applied
+  update (step 1) moves them (the warm-up's rate is 0 only at step 0), and the backbone's state
+  starts at step 2 (rate 0, the warm-up's start) and moves it at step 3, as without the skip; the
+  logged rates are those. Evaluation in the heads-only stage reports that stage's objective."""
+  c = train_config(data_dir, "smollm2_medusa2", steps=5, eval_every=1, checkpoint_every=1, keep_checkpoints=10)
+  c.train.trainable = (("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("base/.*", "backbone"))
+  c.train.lora.rank = 0
+  H = c.train.heads_only_steps
+  assert H == 2 and c.train.backbone_warmup_steps == 2
+  _poison(monkeypatch, (0,))
+  workdir = str(tmp_path / "wd")
+  out = trainer.train_and_evaluate(c, workdir)
+  assert out["step"] == 5 and out["skipped_steps"] == 1
+  saved = {n: _state(workdir, n)["params"] for n in range(1, 6)}  # after n steps
+  _, original, _ = convert.load_model(c.model)
+  assert not _same(saved[2]["medusa"], saved[1]["medusa"])
+  for n in (1, 2, 3):
+    assert _same(saved[n]["base"], jax.tree.map(np.asarray, original)), n
+  assert not _same(saved[4]["base"], jax.tree.map(np.asarray, original))
+
+  (scalars,) = tb_scalars(workdir)
+  assert scalars[("train/skipped_steps", 1)] == 1
+  heads_fn, _ = optim.group_schedules(c.train, c.train.steps)["heads"]
+  backbone_fn, start = optim.group_schedules(c.train, c.train.steps)["backbone"]
+  assert start == H
+  for n in range(1, 6):  # logged after n steps: the rates of 0-based step n - 1
+    assert scalars[("train/lr/heads", n)] == pytest.approx(float(heads_fn(n - 1)), rel=1e-6), n
+    want = 0.0 if n - 1 < H else float(backbone_fn(n - 1 - H))
+    assert scalars[("train/lr/backbone", n)] == pytest.approx(want, rel=1e-6, abs=1e-12), n
+  assert scalars[("train/lr/backbone", 4)] > 0
+  # Evaluation: the heads loss alone after the heads-only steps, the joint objective after joint ones.
+  for n in (1, 2):
+    assert scalars[("eval/loss", n)] == pytest.approx(scalars[("eval/heads_loss", n)], rel=1e-6)
+    assert ("eval/lm/kl", n) not in scalars and scalars[("eval/lambda0", n)] == 1.0
+  assert ("eval/lm/kl", 3) in scalars
+
+
 def test_nonfinite_streaks_are_counted_across_fetches():
   """The loop hands over one flag per step and fetches them in windows (log and save steps)."""
-  guard = trainer._NonFiniteSteps(limit=3)  # pylint: disable=protected-access
+  guard = train_log.NonFiniteSteps(limit=3)
   metrics = lambda bad: {"skipped": jnp.asarray(int(bad)), "loss": jnp.asarray(np.nan if bad else 1.0),
                          "grad_norm": jnp.asarray(np.nan if bad else 1.0)}
   for step, bad in enumerate([0, 1, 1, 0, 1, 1], start=1):
@@ -412,7 +488,7 @@ def test_nonfinite_streaks_are_counted_across_fetches():
     guard.add(step, {"next_index": step}, metrics(True))
   assert guard.check(lambda: 7) == 2
   guard.add(10, {"next_index": 10}, metrics(True))
-  with pytest.raises(trainer.NonFiniteError, match=r"step 10: 3 steps in a row .*\(step 7\)"):
+  with pytest.raises(train_log.NonFiniteError, match=r"step 10: 3 steps in a row .*\(step 7\)"):
     guard.check(lambda: 7)
   assert guard.total == 7
 
@@ -432,7 +508,7 @@ def _distill_config(model_dir, tmp_path, num_prompts=6):
 
 
 def _fake_generate(decoder, params, prompts, batch_size, rng, on_batch=None):
-  """``distill.batched_generate`` without a model: batch n replies with token 100 + n."""
+  """``decode.batched_generate`` without a model: batch n replies with token 100 + n."""
   del decoder, params, rng
   for n, start in enumerate(range(0, len(prompts), batch_size)):
     if on_batch:
@@ -445,11 +521,9 @@ def _fake_generate(decoder, params, prompts, batch_size, rng, on_batch=None):
 # cut in the middle: half of it is written and synced, a line says so and the process waits to be killed.
 _DISTILL = """
 import os, sys, time
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 from test_faults import _distill_config, _fake_generate
 import pathlib
-from medusa_jax import distill, runtime
+from medusa_jax import decode, distill, prompts, runtime
 
 class Cut:
   def __init__(self, f):
@@ -472,9 +546,9 @@ class Cut:
 
 c = _distill_config(sys.argv[1], pathlib.Path(sys.argv[2]))
 loaded = runtime.load(c)
-distill.batched_generate = _fake_generate
+decode.batched_generate = _fake_generate
 distill.open = lambda path, mode="r", **kw: Cut(open(path, mode, **kw)) if "a" in mode else open(path, mode, **kw)
-distill.generate_replies(c, loaded, distill.select_prompts(c, loaded.tokenizer), sys.argv[3])
+distill.generate_replies(c, loaded, prompts.select_prompts(c, loaded.tokenizer), sys.argv[3])
 """
 
 
@@ -489,7 +563,7 @@ def test_kill_9_during_distillation_never_leaves_a_partial_record_that_resume_re
   out_dir = str(tmp_path / "replies")
   os.makedirs(out_dir)
   p = _Proc([sys.executable, "-c", _DISTILL, tiny_model_dir, str(tmp_path), out_dir],
-            triggers=[(r"cut a record", signal.SIGKILL)])
+            triggers=[(r"cut a record", signal.SIGKILL)], PYTHONPATH=os.path.join(ROOT, "tests"))
   assert p.finish() == -signal.SIGKILL, p.output()[-4000:]
   path = os.path.join(out_dir, distill.REPLIES_FILE)
   text, whole = _records(path)
@@ -504,8 +578,8 @@ def test_kill_9_during_distillation_never_leaves_a_partial_record_that_resume_re
   # Resumed: the other four prompts, appended after the two kept ones.
   c = _distill_config(tiny_model_dir, tmp_path)
   loaded = runtime.load(c)
-  monkeypatch.setattr(distill, "batched_generate", _fake_generate)
-  prompts = distill.select_prompts(c, loaded.tokenizer)
+  monkeypatch.setattr(decode, "batched_generate", _fake_generate)
+  prompts = prompts_lib.select_prompts(c, loaded.tokenizer)
   stats = distill.generate_replies(c, loaded, prompts, out_dir)
   assert stats["new"] == 4 and stats["stopped"] is None
   recs = _records(path)[1]
@@ -517,7 +591,7 @@ def test_sigterm_during_distillation_finishes_the_batch_and_stops(tiny_model_dir
   loaded = runtime.load(c)
   out_dir = str(tmp_path / "replies")
   sigterm = lambda n: os.kill(os.getpid(), signal.SIGTERM) if n == 1 else None
-  monkeypatch.setattr(distill, "batched_generate", lambda *a: _fake_generate(*a, on_batch=sigterm))
+  monkeypatch.setattr(decode, "batched_generate", lambda *a: _fake_generate(*a, on_batch=sigterm))
   before = signal.getsignal(signal.SIGTERM)
   with caplog.at_level(logging.WARNING, logger="medusa_jax.distill"):
     assert distill.distill(c, loaded, out_dir) is None  # no dataset yet
@@ -526,4 +600,4 @@ def test_sigterm_during_distillation_finishes_the_batch_and_stops(tiny_model_dir
   path = os.path.join(out_dir, distill.REPLIES_FILE)
   assert len(_records(path)[1]) == 4  # the batch in progress when the signal came was finished
   with pytest.raises(FileNotFoundError):
-    data_lib.dataset_metadata(c.data.data_dir, distill.dataset_name(c))
+    data_lib.dataset_metadata(c.data.data_dir, prompts_lib.distilled_dataset_name(c))

@@ -12,6 +12,7 @@ What is pinned, each on a tiny random model (compiles in about a second):
     and a deliberately wrong rule fails the same test.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -470,12 +471,15 @@ CHUNKS, CHUNK = 4, 5000  # 20,000 samples; chunks keep the prefill's [B, 64, 128
 
 
 @functools.lru_cache(maxsize=None)
-def _small_params():
+def _small_params(prefix_layer=False):
   base = _scaled_params(SMALL, 2, 10.0)  # entropy 5.3 of 6.2 nats over 8^3: neither flat nor peaked
   rng = np.random.default_rng(2)
   M, D = SMALL_HEADS.num_heads, SMALL.dim
   med = {"w": rng.normal(0, 0.3, (M, 1, D, D)).astype(np.float32),
          "b": rng.normal(0, 0.3, (M, 1, D)).astype(np.float32)}
+  if prefix_layer:  # heads.prefix_layer, every matrix random: the heads read it, not h_t
+    med["prefix"] = {k: (np.ones(shape) if k.endswith("norm") else rng.normal(0, 0.3, shape)).astype(np.float32)
+                     for k, (shape, _) in heads_lib.prefix_shapes(SMALL).items()}
   return jax.tree.map(jnp.asarray, {"base": base, "medusa": med})
 
 
@@ -515,7 +519,7 @@ def _exact_three_token_distribution(top_p=1.0):
 def _sample_first_three(spec, top_p=1.0):
   """Counts of each 3-token continuation over CHUNKS * CHUNK samples, and the fraction of
   sequences whose first Medusa step accepted at least one candidate."""
-  params = _small_params()
+  params = _small_params(spec.heads.prefix_layer)
   dec = _decoder(SMALL, decode.Sampling(temperature=TEMP, top_p=top_p, max_new_tokens=3), spec)
   counts = np.zeros(SMALL.vocab_size ** 3, np.int64)
   multi = 0
@@ -540,12 +544,15 @@ def _chi_square_p(counts, dist):
   return stats.chisquare(obs, exp).pvalue
 
 
-@pytest.mark.parametrize("tree_name,top_p", [("dense:2,2", 1.0), ("dense:2,2", 0.8), ("dense:2,1", 1.0)])
-def test_lossless_sampling_matches_plain_sampling(tree_name, top_p):
+@pytest.mark.parametrize("tree_name,top_p,prefix_layer", [("dense:2,2", 1.0, False), ("dense:2,2", 0.8, False),
+                                                          ("dense:2,1", 1.0, False), ("dense:2,2", 1.0, True)])
+def test_lossless_sampling_matches_plain_sampling(tree_name, top_p, prefix_layer):
   """The first three tokens: the prefill's, then the first step's. With the depth-2 tree they are
   accepted candidates or residual draws; with the depth-1 tree the third token is, whenever the
-  step accepted its leaf, the one drawn from the leaf's own distribution after it."""
-  spec = _spec(tree_name, heads=SMALL_HEADS, vocab=8, acceptance="sample")
+  step accepted its leaf, the one drawn from the leaf's own distribution after it. With the heads'
+  prefix layer the drafts change, the distribution must not."""
+  heads = dataclasses.replace(SMALL_HEADS, prefix_layer=prefix_layer)
+  spec = _spec(tree_name, heads=heads, vocab=8, acceptance="sample")
   dist = _exact_three_token_distribution(top_p)
   counts, accepted = _sample_first_three(spec, top_p)
   assert accepted > 0.2  # the heads' candidates are often accepted: the tree walk is exercised

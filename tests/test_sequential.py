@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medusa_jax import convert
 from medusa_jax import cpu_kernels
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
 from medusa_jax import medusa
 from medusa_jax import model as model_lib
+from medusa_jax import release_heads
 from medusa_jax import tree as tree_lib
 from medusa_jax.heads import HeadsConfig
 
@@ -153,10 +155,9 @@ def test_lossless_sampling_with_sequential_heads():
 
 
 def test_release_format_refuses_sequential_heads(tmp_path):
-  from medusa_jax import convert  # pylint: disable=g-import-not-at-top
   hcfg = HeadsConfig(num_heads=2, kind="sequential")
   with pytest.raises(convert.WeightsError, match="Medusa heads only, not sequential heads"):
-    convert.save_medusa_heads(str(tmp_path), hcfg, tm.TINY, heads_lib.init_params(hcfg, tm.TINY))
+    release_heads.save(str(tmp_path), hcfg, tm.TINY, heads_lib.init_params(hcfg, tm.TINY))
 
 
 def test_unknown_heads_kind():

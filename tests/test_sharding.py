@@ -25,6 +25,7 @@ from jax.sharding import AbstractMesh
 from medusa_jax import config as config_lib
 from medusa_jax import convert
 from medusa_jax import fit
+from medusa_jax import heads as heads_lib
 from medusa_jax import runtime
 from medusa_jax import sharding
 
@@ -112,7 +113,7 @@ def test_vicuna7b_shardings_from_abstract_params():
   """The real 7B tree, abstractly: 6.74 B backbone params, each device holds 1/8 of them (fsdp=8)."""
   c = load_config("vicuna7b_medusa1")
   cfg, wdtype = fit.model_config(c)
-  hcfg = config_lib.heads_config(c)
+  hcfg = heads_lib.config_from(c)
   params = sharding.abstract_params(cfg, hcfg, wdtype)
   assert fit.param_count(params["base"]) == 6_738_415_616  # Vicuna-7B / Llama-7B
   assert params["base"]["layers_0"]["wq"].dtype == np.dtype("bfloat16")
@@ -173,7 +174,6 @@ def test_fit_architecture_from_a_model_dir(tiny_llama_dir):
 
 
 def test_batch_must_split_over_the_data_axes():
-  from medusa_jax import heads as heads_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.default_config()
   cfg = convert.config_from_hf(dict(model_type="llama", hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                     num_attention_heads=2, vocab_size=32))

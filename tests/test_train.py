@@ -11,6 +11,7 @@ the checkpoints of a short (killed and resumed) Medusa-2 run.
 Run time: about a minute of CPU on 2 cores (most of it XLA compiling the steps and decoders).
 """
 
+import dataclasses
 import functools
 import glob
 import json
@@ -20,16 +21,21 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from medusa_jax import benchmark
 from medusa_jax import checkpoint as ckpt_lib
-from medusa_jax import config as config_lib
 from medusa_jax import convert
 from medusa_jax import data as data_lib
+from medusa_jax import heads as heads_lib
+from medusa_jax import lora as lora_lib
+from medusa_jax import loss as loss_lib
 from medusa_jax import model as model_lib
+from medusa_jax import optim
 from medusa_jax import runtime
+from medusa_jax import train_data
 from medusa_jax import trainer
 
 # The shared tiny run and its helpers (conftest.py): tests/test_faults.py interrupts the same run.
@@ -128,7 +134,7 @@ def test_one_step_metrics_match_numpy(recipe):
     c.heads.update(dict(shared_lm_head=False, draft_vocab=512))
     c.train.update(dict(lm_weight=1.0, lm_loss="ce", lambda0=0.2, lambda0_schedule="constant"))
   cfg, base, _ = convert.load_model(c.model)
-  hcfg = config_lib.heads_config(c)
+  hcfg = heads_lib.config_from(c)
   base = jax.tree.map(jnp.asarray, base)
   medusa = runtime.random_heads(hcfg, cfg, base, seed=1, scale=0.3)
   if hcfg.draft_vocab:
@@ -141,11 +147,11 @@ def test_one_step_metrics_match_numpy(recipe):
   params = {"base": base, "medusa": medusa}
   batch = _golden_batch(medusa.get("vocab_ids"))
 
-  split = trainer.split_for_training(c.train, params)
+  split = optim.split_for_training(c.train, params)
   tparams, frozen, tx = split.tparams, split.frozen, split.tx
   sc = trainer.step_config(c, cfg, hcfg)
-  _, _, metrics = jax.jit(lambda t, o, f, b: trainer.train_step(sc, tx, t, o, f, b, jnp.asarray(0)))(
-      tparams, tx.init(tparams), frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+  _, metrics = jax.jit(functools.partial(trainer.train_step, sc, tx))(
+      _state(tx, tparams), frozen, {k: jnp.asarray(v) for k, v in batch.items()})
 
   _, hidden, _ = model_lib.forward(cfg, base, batch["tokens"], batch["positions"],
                                    model_lib.segment_causal_mask(jnp.asarray(batch["segment_ids"])), None,
@@ -185,21 +191,25 @@ def _same(a, b) -> bool:
   return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
 
 
+def _state(tx, tparams) -> optim.TrainState:
+  return optim.TrainState(step=jnp.asarray(0), params=tparams, opt_state=tx.init(tparams))
+
+
 def test_medusa1_leaves_the_backbone_bit_identical(data_dir, run_a):
   """The trainer's own labels -> partition -> train_step x 3 -> merge on a batch of the data."""
   c, _, _, params, split, sc = tiny_train_parts(data_dir)
   assert all(g is None for p, g in split.label_map.items() if p.startswith("base/"))
   tparams, frozen, tx = split.tparams, split.frozen, split.tx
   assert set(tparams) == {"medusa"} and "vocab_ids" not in tparams["medusa"]
-  step_fn = jax.jit(lambda t, o, f, b, s: trainer.train_step(sc, tx, t, o, f, b, s))
-  src = data_lib.load_split(data_dir, trainer.dataset_name(c), "train")
+  step_fn = jax.jit(functools.partial(trainer.train_step, sc, tx))
+  src = data_lib.load_split(data_dir, train_data.dataset_name(c), "train")
   batch = next(data_lib.make_loader(src, batch_size=2, seq_len=c.train.seq_len, seed=0))
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "id"}
   before = jax.tree.map(np.asarray, params)
-  opt_state = tx.init(tparams)
-  for step in range(3):
-    tparams, opt_state, _ = step_fn(tparams, opt_state, frozen, batch, jnp.asarray(step))
-  after = jax.tree.map(np.asarray, trainer.merge(frozen, tparams))
+  state = _state(tx, tparams)
+  for _ in range(3):
+    state, _ = step_fn(state, frozen, batch)
+  after = jax.tree.map(np.asarray, optim.merge(frozen, state.params))
   assert _same(before["base"], after["base"])
   assert np.array_equal(before["medusa"]["vocab_ids"], after["medusa"]["vocab_ids"])
   assert not np.array_equal(before["medusa"]["w"], after["medusa"]["w"])
@@ -241,7 +251,7 @@ def test_medusa2_stages(data_dir, run_a, tmp_path, lora):
       assert not any(np.any(ad["b"]) for mats in saved[s]["lora"].values() for ad in mats.values()), s
     assert all(np.any(ad["b"]) for mats in saved[5]["lora"].values() for ad in mats.values())
     from medusa_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
-    trained = lora_lib.merge(config_lib.lora_config(c), jax.tree.map(jnp.asarray, original), saved[5]["lora"],
+    trained = lora_lib.merge(lora_lib.config_from(c), jax.tree.map(jnp.asarray, original), saved[5]["lora"],
                              dtype=jnp.float32)
   else:
     for s in (1, heads_only):
@@ -277,6 +287,80 @@ def test_medusa2_stages(data_dir, run_a, tmp_path, lora):
   assert without_timing(logged) == without_timing(expected)
 
 
+# A tiny tied model (the embedding is the LM head): the heads read the backbone's weights directly.
+TIED = model_lib.ModelConfig(vocab_size=64, dim=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8,
+                             mlp_dim=32, max_seq_len=64, bos_id=None, eos_ids=(), tie_embeddings=True)
+
+
+def _tiny_batch(L=20):
+  rng = np.random.default_rng(0)
+  seg = np.array([[1] * 11 + [2] * 7 + [0] * 2, [1] * 17 + [0] * 3], np.int32)
+  pos = np.where(seg > 0, np.concatenate([np.arange(11), np.arange(7), [0, 0]])[None].repeat(2, 0), 0)
+  pos[1] = np.where(seg[1] > 0, np.arange(L), 0)
+  mask = ((rng.random((2, L)) < 0.75) & (seg > 0)).astype(np.int32)
+  tok = np.where(seg > 0, rng.integers(0, TIED.vocab_size, (2, L)), 0).astype(np.int32)
+  return {k: jnp.asarray(v) for k, v in
+          {"tokens": tok, "loss_mask": mask, "segment_ids": seg, "positions": pos.astype(np.int32)}.items()}
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.2])
+def test_medusa2_gradients_are_the_hand_combined_ones(lam):
+  """``:full_backbone`` Medusa-2 on a tied model with next-token-input heads (which read the
+  embedding for their projection and for the tokens they are fed): the joint stage's backbone gets
+  λ0 ∇heads_loss + ∇L_LM through every path, the heads get ∇heads_loss itself, and the heads-only
+  stage sends the backbone nothing; λ0 = 0 (where the sine ramp starts) sends it the LM's alone."""
+  c = load_config("smollm2_medusa2", "tiny,full_backbone")
+  c.train.update(dict(lm_loss="ce", lambda0=lam, lambda0_schedule="constant", heads_only_steps=0, seq_len=20))
+  hcfg = heads_lib.HeadsConfig(num_heads=2, num_layers=1, next_token_input=True)
+  base = jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, model_lib.init_params(TIED, jax.random.PRNGKey(0)))
+  medusa = runtime.random_heads(hcfg, TIED, base, seed=1, scale=0.3)
+  medusa["tok_w"] = 0.3 * jax.random.normal(jax.random.PRNGKey(4), medusa["tok_w"].shape)
+  split = optim.split_for_training(c.train, {"base": base, "medusa": medusa})
+  tparams, frozen = split.tparams, split.frozen
+  assert set(tparams) == {"base", "medusa"} and "embed" in tparams["base"]
+  sc = trainer.step_config(c, TIED, hcfg)
+  batch = _tiny_batch()
+  mask = model_lib.segment_causal_mask(batch["segment_ids"])
+
+  def by_hand(which):
+    def f(t):
+      p = optim.merge(frozen, t)
+      _, hidden, _ = model_lib.forward(TIED, p["base"], batch["tokens"], batch["positions"], mask, None, logits=False)
+      if which == "heads":
+        return loss_lib.heads_loss(hcfg, TIED, p, hidden, batch, sc.head_decay, kind=sc.heads_loss)[0]
+      return loss_lib.lm_loss(TIED, p["base"], hidden, batch)[0]
+    return jax.grad(f)(tparams)
+
+  def trainer_grads(step_config):
+    return jax.grad(lambda t: trainer.loss_fn(step_config, t, frozen, batch, jnp.asarray(0))[0])(tparams)
+
+  g_heads, g_lm = by_hand("heads"), by_hand("lm")
+  assert float(jnp.abs(g_heads["base"]["embed"]).max()) > 1e-3  # the heads do reach the embedding
+
+  def close(got, want):
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(want))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale), got, want)
+
+  joint = trainer_grads(sc)
+  close(joint["base"], jax.tree.map(lambda h, m: lam * h + c.train.lm_weight * m, g_heads["base"], g_lm["base"]))
+  close(joint["medusa"], g_heads["medusa"])
+  heads_only = trainer_grads(dataclasses.replace(sc, heads_only=True))
+  assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(heads_only["base"]))
+  close(heads_only["medusa"], g_heads["medusa"])
+
+
+def test_lora_heads_only_stage_runs_the_unmerged_backbone():
+  """The heads-only stage skips merging the adapters: fresh ones (B = 0) merge to the base weights
+  exactly, so the backbone it runs is the merged one."""
+  lcfg = lora_lib.LoraConfig(rank=4)
+  base = model_lib.init_params(TIED, jax.random.PRNGKey(0))
+  params = {"base": base, "lora": lora_lib.init(lcfg, TIED, jax.random.PRNGKey(1))}
+  assert _same(lora_lib.merge(lcfg, base, params["lora"]), base)
+  sc = trainer.StepConfig(model=TIED, heads=heads_lib.HeadsConfig(1), head_decay=0.8, lm_weight=1.0, lm_loss="ce",
+                          lambda0=0.2, lambda0_schedule="constant", lambda0_ramp_steps=0, lora=lcfg)
+  assert _same(trainer.backbone(dataclasses.replace(sc, heads_only=True), params), base)
+
+
 # ----------------------------------------------------------------------------------------------
 # The optimizer: schedules, stages, groups
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +377,7 @@ def test_learning_rate_schedules_by_hand():
   tc = c.train
   tc.update(dict(steps=100, lr=2e-3, warmup_frac=0.1, warmup_steps=0, heads_only_steps=30, backbone_warmup_steps=10,
                  group_lr_mult=(("heads", 2.0), ("backbone", 0.25), ("extra", 0.5))))
-  sched = trainer.schedules(tc, tc.steps)
+  sched = optim.schedules(tc, tc.steps)
   for s in (0, 5, 10, 31, 64, 99):
     assert float(sched["heads"](s)) == pytest.approx(_cosine(4e-3, 10, 100, s), rel=1e-4, abs=1e-12), s
     assert float(sched["extra"](s)) == pytest.approx(_cosine(1e-3, 10, 100, s), rel=1e-4, abs=1e-12), s
@@ -304,20 +388,22 @@ def test_learning_rate_schedules_by_hand():
 
 def test_backbone_optimizer_state_begins_with_the_joint_stage():
   """The first joint step's backbone update equals a fresh AdamW's first update on the same
-  gradient: the heads-only steps before it neither moved the backbone nor advanced its state."""
-  import optax  # pylint: disable=g-import-not-at-top
+  gradient: the heads-only steps before it neither moved the backbone nor advanced its state, and
+  a skipped one among them did not delay it (the start is a global step, not an update count)."""
   tc = load_config("smollm2_medusa2").train
   tc.update(dict(steps=50, heads_only_steps=6, backbone_warmup_steps=4))
   labels = {"medusa/w": "heads", "base/x": "backbone"}
-  tx, _ = trainer.make_optimizer(tc, labels, tc.steps)
+  tx, _ = optim.make_optimizer(tc, labels, tc.steps)
   rng = np.random.default_rng(0)
   params = {"medusa": {"w": jnp.ones((3, 4))}, "base": {"x": jnp.ones((5,))}}
   state = tx.init(params)
-  for _ in range(tc.heads_only_steps):  # heads-only: the backbone's gradient is zero (held), or anything
+  # Heads-only steps (the backbone's gradient is zero, being held, or anything); the first is
+  # skipped (non-finite: no update at all), which must not delay the backbone's start.
+  for step in range(1, tc.heads_only_steps):
     g = {"medusa": {"w": jnp.asarray(rng.normal(size=(3, 4)))}, "base": {"x": jnp.asarray(rng.normal(size=5))}}
-    updates, state = tx.update(g, state, params)
+    updates, state = tx.update(g, state, params, step=jnp.asarray(step))
     assert not np.any(np.asarray(updates["base"]["x"]))
-  fn, start = trainer.group_schedules(tc, tc.steps)["backbone"]
+  fn, start = optim.group_schedules(tc, tc.steps)["backbone"]
   assert start == 6
   fresh = optax.chain(optax.clip_by_global_norm(tc.grad_clip), optax.adamw(fn, b1=tc.b1, b2=tc.b2,
                                                                            weight_decay=tc.weight_decay))
@@ -326,7 +412,8 @@ def test_backbone_optimizer_state_begins_with_the_joint_stage():
   # (bias correction and the warm-up position), and it moves the backbone by about the lr.
   for k in range(2):
     g_bb = jnp.asarray(rng.normal(size=5) * 0.1)
-    updates, state = tx.update({"medusa": {"w": jnp.zeros((3, 4))}, "base": {"x": g_bb}}, state, params)
+    updates, state = tx.update({"medusa": {"w": jnp.zeros((3, 4))}, "base": {"x": g_bb}}, state, params,
+                               step=jnp.asarray(start + k))
     want, fresh_state = fresh.update({"x": g_bb}, fresh_state, {"x": params["base"]["x"]})
     np.testing.assert_allclose(updates["base"]["x"], want["x"], rtol=1e-6, atol=1e-12)
   assert float(fn(1)) > 0 and np.abs(np.asarray(updates["base"]["x"])).max() > 0.3 * float(fn(1))
@@ -377,7 +464,7 @@ def test_export_loads_in_the_benchmark_and_greedy_medusa_equals_vanilla(run_a, m
   # A relative --checkpoint, as users type it (Orbax itself accepts only absolute paths).
   monkeypatch.chdir(workdir)
   loaded = runtime.load(c, checkpoint="export")
-  assert loaded.heads == config_lib.heads_config(c)
+  assert loaded.heads == heads_lib.config_from(c)
   res = benchmark.run(c, prompts=[{"question_id": 1, "text": "hi"}, {"question_id": 2, "text": "Name a color."}],
                       modes=["vanilla", "medusa"], loaded=loaded, compare_original=True)
   # Medusa-1 leaves the backbone alone: decoding with the original one gives the same outputs.
@@ -399,7 +486,7 @@ def test_draft_vocab_is_the_most_frequent_targets_and_is_not_trained(data_dir, r
   assert np.all(np.diff(ids) > 0)
   # Counted independently: assistant tokens of the train split (not the held-out one).
   counts = np.zeros(cfg.vocab_size, np.int64)
-  for ex in data_lib.load_split(data_dir, trainer.dataset_name(c), "train"):
+  for ex in data_lib.load_split(data_dir, train_data.dataset_name(c), "train"):
     np.add.at(counts, np.asarray(ex["tokens"])[np.asarray(ex["loss_mask"]) > 0], 1)
   inside = np.zeros(cfg.vocab_size, bool)
   inside[ids] = True
@@ -442,7 +529,10 @@ def test_partial_checkpoint_is_a_clear_error_on_resume(data_dir, killed_run, tmp
         f.truncate(16)
   else:
     os.remove(os.path.join(newest, "data", "metadata"))
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"(?s)Checkpoint step 4 in .* cannot be restored.*partial"):
+  for step in os.listdir(os.path.join(workdir, "checkpoints")):
+    if step != "4":  # none left to fall back to (tests/test_checkpoint.py tests the fallback)
+      shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"(?s)Checkpoint step 4 in .* cannot be restored.*delete .*4"):
     trainer.train_and_evaluate(train_config(data_dir), workdir)
 
 
@@ -476,7 +566,7 @@ def test_cached_hidden_states_train_as_the_forward_does(data_dir, run_a, tmp_pat
     assert got[key] == pytest.approx(want[key], rel=2e-5), key
   # The cached states are the forward's, example by example.
   cfg, base, _ = convert.load_model(c.model)
-  src = data_lib.load_split(data_dir, trainer.dataset_name(c), "train")
+  src = data_lib.load_split(data_dir, train_data.dataset_name(c), "train")
   cache = hidden_cache.load(next(f for f in files if "_train_" in f and not f.endswith(".offsets.npy")))
   for i in (0, 7):
     toks = np.asarray(src[i]["tokens"][:c.train.seq_len])[None]

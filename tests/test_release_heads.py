@@ -1,4 +1,4 @@
-"""Tests of the release heads format (convert.load_medusa_heads / save_medusa_heads).
+"""Tests of the release heads format (medusa_jax/release_heads.py: load / save).
 
 The reference is the original PyTorch head module, rebuilt here from the release's description:
 ``nn.Sequential(*[ResBlock(D)] * n, nn.Linear(D, V, bias=False))`` per head (or the ResBlocks alone,
@@ -17,6 +17,7 @@ import pytest
 from medusa_jax import convert
 from medusa_jax import heads as heads_lib
 from medusa_jax import model as model_lib
+from medusa_jax import release_heads
 from medusa_jax.heads import HeadsConfig
 from medusa_jax.model import ModelConfig
 
@@ -46,13 +47,13 @@ def _random_heads(hcfg, cfg=CFG, seed=0):
 def test_round_trip_is_bit_exact(tmp_path, shared):
   hcfg = HeadsConfig(num_heads=3, num_layers=2, shared_lm_head=shared)
   med = _random_heads(hcfg)
-  convert.save_medusa_heads(str(tmp_path), hcfg, CFG, med, base_model_name_or_path="tiny/base")
+  release_heads.save(str(tmp_path), hcfg, CFG, med, base_model_name_or_path="tiny/base")
 
   with open(tmp_path / "config.json") as f:
     mc = json.load(f)
   assert mc == {"medusa_num_heads": 3, "medusa_num_layers": 2, "base_model_name_or_path": "tiny/base"}
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  stored = load_file(str(tmp_path / convert.MEDUSA_HEADS_FILE))
+  stored = load_file(str(tmp_path / release_heads.HEADS_FILE))
   # The release's key names and torch's out x in layout.
   assert stored["1.0.linear.weight"].shape == (CFG.dim, CFG.dim)
   np.testing.assert_array_equal(stored["1.0.linear.weight"], med["w"][1, 0].T)
@@ -62,7 +63,7 @@ def test_round_trip_is_bit_exact(tmp_path, shared):
     np.testing.assert_array_equal(stored["2.2.weight"], med["lm_head"][2].T)
   assert len(stored) == 3 * (2 * 2 + (0 if shared else 1))
 
-  hcfg2, med2 = convert.load_medusa_heads(str(tmp_path), CFG)
+  hcfg2, med2 = release_heads.load(str(tmp_path), CFG)
   assert hcfg2 == hcfg
   assert sorted(med2) == sorted(med)
   for k in med:
@@ -119,11 +120,11 @@ def test_loads_the_original_pytorch_heads(tmp_path, per_head, repeat_one_block, 
   state = {k: v.detach().clone().to(dt).contiguous() for k, v in module.state_dict().items()}
   if repeat_one_block:
     assert set(state) >= {"0.0.linear.weight", "0.1.linear.weight"}
-  save_file(state, str(tmp_path / convert.MEDUSA_HEADS_FILE))
+  save_file(state, str(tmp_path / release_heads.HEADS_FILE))
   with open(tmp_path / "config.json", "w") as f:
     json.dump({"medusa_num_heads": M, "medusa_num_layers": n, "base_model_name_or_path": "x"}, f)
 
-  hcfg, med = convert.load_medusa_heads(str(tmp_path), CFG)
+  hcfg, med = release_heads.load(str(tmp_path), CFG)
   assert hcfg == HeadsConfig(num_heads=M, num_layers=n, shared_lm_head=not per_head)
   if repeat_one_block:  # separate, equal weights: the same function as the repeated block
     np.testing.assert_array_equal(med["w"][:, 0], med["w"][:, 1])
@@ -149,10 +150,10 @@ def test_medusa2_prefixed_keys_load(tmp_path):
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   hcfg = HeadsConfig(num_heads=2, num_layers=1, shared_lm_head=False)
   med = _random_heads(hcfg)
-  convert.save_medusa_heads(str(tmp_path), hcfg, CFG, med)
-  fn = str(tmp_path / convert.MEDUSA_HEADS_FILE)
+  release_heads.save(str(tmp_path), hcfg, CFG, med)
+  fn = str(tmp_path / release_heads.HEADS_FILE)
   save_file({"medusa_head." + k: v for k, v in load_file(fn).items()}, fn)
-  hcfg2, med2 = convert.load_medusa_heads(str(tmp_path), CFG)
+  hcfg2, med2 = release_heads.load(str(tmp_path), CFG)
   assert hcfg2 == hcfg
   np.testing.assert_array_equal(med2["lm_head"], med["lm_head"])
 
@@ -162,16 +163,16 @@ def test_medusa2_prefixed_keys_load(tmp_path):
 
 def _saved(tmp_path, shared=False, M=3, n=2):
   hcfg = HeadsConfig(num_heads=M, num_layers=n, shared_lm_head=shared)
-  convert.save_medusa_heads(str(tmp_path), hcfg, CFG, _random_heads(hcfg))
+  release_heads.save(str(tmp_path), hcfg, CFG, _random_heads(hcfg))
   return str(tmp_path)
 
 
 def test_shape_mismatch_names_the_tensor_and_expected_shape(tmp_path):
   path = _saved(tmp_path)
   with pytest.raises(convert.WeightsError, match=r"'0\.0\.linear\.weight'.*\(12, 12\).*\(16, 16\)"):
-    convert.load_medusa_heads(path, CFG.replace(dim=16, head_dim=8))
+    release_heads.load(path, CFG.replace(dim=16, head_dim=8))
   with pytest.raises(convert.WeightsError, match=r"'0\.2\.weight'.*\(40, 12\).*\(41, 12\)"):
-    convert.load_medusa_heads(path, CFG.replace(vocab_size=41))
+    release_heads.load(path, CFG.replace(vocab_size=41))
 
 
 def test_config_that_disagrees_with_the_file(tmp_path):
@@ -180,37 +181,37 @@ def test_config_that_disagrees_with_the_file(tmp_path):
   with open(cfg_file, "w") as f:
     json.dump({"medusa_num_heads": 4, "medusa_num_layers": 2}, f)
   with pytest.raises(convert.WeightsError, match=r"medusa_num_heads=4 but the file holds heads \[0, 1, 2\]"):
-    convert.load_medusa_heads(path, CFG)
+    release_heads.load(path, CFG)
   with open(cfg_file, "w") as f:
     json.dump({"medusa_num_heads": 3, "medusa_num_layers": 1}, f)
   with pytest.raises(convert.WeightsError, match=r"medusa_num_layers=1 but the file holds residual blocks \[0, 1\]"):
-    convert.load_medusa_heads(path, CFG)
+    release_heads.load(path, CFG)
   with open(cfg_file, "w") as f:
     json.dump({"medusa_num_heads": 3}, f)
   with pytest.raises(convert.WeightsError, match="medusa_num_layers"):
-    convert.load_medusa_heads(path, CFG)
+    release_heads.load(path, CFG)
 
 
 def test_missing_tensor_is_named(tmp_path):
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   path = _saved(tmp_path)
-  fn = os.path.join(path, convert.MEDUSA_HEADS_FILE)
+  fn = os.path.join(path, release_heads.HEADS_FILE)
   tensors = load_file(fn)
   del tensors["1.1.linear.bias"]
   save_file(tensors, fn)
   with pytest.raises(convert.WeightsError, match=r"'1\.1\.linear\.bias' is missing"):
-    convert.load_medusa_heads(path, CFG)
+    release_heads.load(path, CFG)
 
 
 def test_missing_files(tmp_path):
   with pytest.raises(convert.WeightsError, match="not a Medusa heads directory"):
-    convert.load_medusa_heads(str(tmp_path / "nowhere"), CFG)
+    release_heads.load(str(tmp_path / "nowhere"), CFG)
   with pytest.raises(convert.WeightsError, match="no config.json"):
-    convert.load_medusa_heads(str(tmp_path), CFG)
+    release_heads.load(str(tmp_path), CFG)
   with open(tmp_path / "config.json", "w") as f:
     json.dump({"medusa_num_heads": 2, "medusa_num_layers": 1}, f)
   with pytest.raises(convert.WeightsError, match=r"no medusa_lm_head\.safetensors"):
-    convert.load_medusa_heads(str(tmp_path), CFG)
+    release_heads.load(str(tmp_path), CFG)
 
 
 def test_pickled_heads_are_refused(tmp_path):
@@ -219,24 +220,24 @@ def test_pickled_heads_are_refused(tmp_path):
   # Never unpickled: the loader must refuse on the name alone, so any bytes will do.
   (tmp_path / "medusa_lm_head.pt").write_bytes(b"not really a pickle")
   with pytest.raises(convert.WeightsError, match=r"pickled.*medusa_lm_head\.pt.*safetensors only"):
-    convert.load_medusa_heads(str(tmp_path), CFG)
+    release_heads.load(str(tmp_path), CFG)
 
 
 def test_save_checks_shapes(tmp_path):
   hcfg = HeadsConfig(num_heads=2, num_layers=1, shared_lm_head=False)
   med = _random_heads(hcfg)
   with pytest.raises(convert.WeightsError, match="'lm_head'.*needs"):
-    convert.save_medusa_heads(str(tmp_path), hcfg, CFG.replace(vocab_size=41), med)
+    release_heads.save(str(tmp_path), hcfg, CFG.replace(vocab_size=41), med)
   del med["lm_head"]
   with pytest.raises(convert.WeightsError, match="no 'lm_head'"):
-    convert.save_medusa_heads(str(tmp_path), hcfg, CFG, med)
+    release_heads.save(str(tmp_path), hcfg, CFG, med)
 
 
 def test_save_refuses_a_draft_vocabulary(tmp_path):
   hcfg = HeadsConfig(num_heads=2, num_layers=1, shared_lm_head=True, draft_vocab=8)
   med = {**_random_heads(hcfg), "vocab_ids": np.arange(8, dtype=np.int32)}
   with pytest.raises(convert.WeightsError, match="no draft vocabulary"):
-    convert.save_medusa_heads(str(tmp_path), hcfg, CFG, med)
+    release_heads.save(str(tmp_path), hcfg, CFG, med)
 
 
 def test_loaded_heads_decode_beside_an_hf_backbone(tiny, tmp_path):
@@ -244,8 +245,8 @@ def test_loaded_heads_decode_beside_an_hf_backbone(tiny, tmp_path):
   from medusa_jax import decode, medusa, tree as tree_lib  # pylint: disable=g-import-not-at-top
   cfg, params = tiny
   hcfg = HeadsConfig(num_heads=2, num_layers=1, shared_lm_head=False)
-  convert.save_medusa_heads(str(tmp_path), hcfg, cfg, _random_heads(hcfg, cfg))
-  hcfg2, med = convert.load_medusa_heads(str(tmp_path), cfg)
+  release_heads.save(str(tmp_path), hcfg, cfg, _random_heads(hcfg, cfg))
+  hcfg2, med = release_heads.load(str(tmp_path), cfg)
   params = {**params, "medusa": jax.tree.map(jnp.asarray, med)}
   sampling = decode.Sampling(max_new_tokens=12)
   prompts = [[5, 17, 3], [9, 1, 200, 44, 7]]
