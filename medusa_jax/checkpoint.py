@@ -194,7 +194,7 @@ class TrainCheckpoints:
     Orbax writes a JSON item from process 0 alone, but each host's loader is at its own position
     (its own shard of the examples, its own packed rows): with several processes every host's
     ``data_state`` is gathered first and saved as ``{'processes': [...]}``, in process order
-    (``data.Batches.set_state`` picks its own, or translates them for another host count).
+    (``loader.Batches.set_state`` picks its own, or translates them for another host count).
     """
     if jax.process_count() > 1:
       data_state = {"processes": _gather_json(data_state or {})}

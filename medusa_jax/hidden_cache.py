@@ -10,7 +10,7 @@ The cache of one split is a float32 array [tokens, D] (every example's truncated
 order) with the start of each example (``offsets``), saved as ``.npy`` files under
 ``data_dir/hidden/`` and memory-mapped on reuse. Its name holds the dataset, the row length and a
 fingerprint of the backbone's weights, so another model or dataset never reads it. Batches carry
-``token_index`` (``data.make_loader(..., token_offsets=)``) and ``gather`` turns it into the
+``token_index`` (``loader.make_loader(..., token_offsets=)``) and ``gather`` turns it into the
 [B, L, D] hidden states the step uses instead of the forward.
 
 Several processes: every host keeps the whole split's cache (the examples it reads change every

@@ -11,6 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from medusa_jax import data as data_lib
+from medusa_jax import loader as loader_lib
 from medusa_jax import hidden_cache
 from medusa_jax import prompts
 
@@ -94,7 +95,7 @@ class Feed:
   def loader(self, split: str, **kwargs):
     # Hosts whose devices share batch rows (replicas) read the same examples; see sharding.process_shard.
     tc, (index, count) = self.config.train, self.placement.data_shard()
-    return data_lib.make_loader(self.splits[split], batch_size=tc.batch_size // count, seq_len=tc.seq_len,
+    return loader_lib.make_loader(self.splits[split], batch_size=tc.batch_size // count, seq_len=tc.seq_len,
                                 shard_index=index, shard_count=count, pack=self.config.data.pack,
                                 token_offsets=self.caches[split].offsets if self.caches else None, **kwargs)
 

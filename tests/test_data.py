@@ -12,6 +12,7 @@ import pytest
 from medusa_jax import bundled
 from medusa_jax import chat
 from medusa_jax import data
+from medusa_jax import loader
 
 
 @pytest.fixture(scope='module')
@@ -134,7 +135,7 @@ def _assert_batches_equal(a, b):
 def test_loader_unpacked_layout_and_determinism():
   src = _toy_source()
   kw = dict(batch_size=4, seq_len=16, seed=3)
-  batches = _take(data.make_loader(src, **kw), 12)  # Crosses an epoch boundary (37 examples).
+  batches = _take(loader.make_loader(src, **kw), 12)  # Crosses an epoch boundary (37 examples).
   for b in batches:
     assert set(b) == {'tokens', 'loss_mask', 'segment_ids', 'positions', 'id'}
     for key in b:
@@ -148,11 +149,11 @@ def test_loader_unpacked_layout_and_determinism():
       np.testing.assert_array_equal(b['positions'][row], np.where(np.arange(16) < n, np.arange(16), 0))
       np.testing.assert_array_equal(b['id'][row], np.where(np.arange(16) < n, (b['tokens'][row, 0] - 1) // 1000 + 1, 0))
       assert not b['tokens'][row, n:].any() and not b['loss_mask'][row, n:].any()
-  _assert_batches_equal(batches, _take(data.make_loader(src, **kw), 12))
-  other = _take(data.make_loader(src, **(kw | {'seed': 4})), 12)
+  _assert_batches_equal(batches, _take(loader.make_loader(src, **kw), 12))
+  other = _take(loader.make_loader(src, **(kw | {'seed': 4})), 12)
   assert any((x['tokens'] != y['tokens']).any() for x, y in zip(batches, other))
   # Unshuffled: source order.
-  first = next(data.make_loader(src, batch_size=4, seq_len=16, seed=0, shuffle=False))
+  first = next(loader.make_loader(src, batch_size=4, seq_len=16, seed=0, shuffle=False))
   assert list((first['tokens'][:, 0] - 1) // 1000) == [0, 1, 2, 3]
 
 
@@ -164,26 +165,26 @@ def test_loader_shards_are_disjoint_and_epochs_reshuffle():
   src = _toy_source(41)
   kw = dict(seq_len=8, seed=0, shard_count=3)
   # 41 // 3 = 13 examples per host and epoch, the same on every host.
-  epoch_ids = {s: _example_ids(list(data.make_loader(src, shard_index=s, num_epochs=1, batch_size=1,
+  epoch_ids = {s: _example_ids(list(loader.make_loader(src, shard_index=s, num_epochs=1, batch_size=1,
                                                      **kw)))
                for s in range(3)}
   assert all(len(v) == 13 for v in epoch_ids.values())
   flat = [i for v in epoch_ids.values() for i in v]
   assert len(set(flat)) == 39
   # The second epoch is a new permutation, still disjoint across hosts.
-  two = {s: _example_ids(list(data.make_loader(src, shard_index=s, num_epochs=2, batch_size=1,
+  two = {s: _example_ids(list(loader.make_loader(src, shard_index=s, num_epochs=2, batch_size=1,
                                                **kw)))
          for s in range(3)}
   assert two[0][:13] == epoch_ids[0] and two[0][13:] != two[0][:13]
   second = [i for v in two.values() for i in v[13:]]
   assert len(second) == 39 and len(set(second)) == 39
   # Batches of a finite run: 26 examples per host make 8 full batches of 3.
-  assert len(list(data.make_loader(src, shard_index=2, num_epochs=2, batch_size=3, **kw))) == 8
+  assert len(list(loader.make_loader(src, shard_index=2, num_epochs=2, batch_size=3, **kw))) == 8
 
 
 def test_loader_packing():
   src = _toy_source(50)
-  batches = _take(data.make_loader(src, batch_size=3, seq_len=24, seed=1, pack=True), 10)
+  batches = _take(loader.make_loader(src, batch_size=3, seq_len=24, seed=1, pack=True), 10)
   n_segments = 0
   for b in batches:
     assert all(b[k].shape == (3, 24) and b[k].dtype == np.int32 for k in b)
@@ -204,18 +205,18 @@ def test_loader_packing():
         n_segments += 1
   assert n_segments > 50  # Really packed: well above one example per row.
   _assert_batches_equal(
-      batches, _take(data.make_loader(src, batch_size=3, seq_len=24, seed=1, pack=True), 10))
+      batches, _take(loader.make_loader(src, batch_size=3, seq_len=24, seed=1, pack=True), 10))
 
 
 @pytest.mark.parametrize('pack', [False, True])
 def test_loader_checkpoint_resumes_exactly(pack):
   src = _toy_source(29)
   kw = dict(batch_size=3, seq_len=12, seed=7, pack=pack, shard_index=1, shard_count=2)
-  it = data.make_loader(src, **kw)
+  it = loader.make_loader(src, **kw)
   _take(it, 5)
   state = json.loads(json.dumps(it.get_state()))  # Must survive a JSON checkpoint.
   expected = _take(it, 8)  # Crosses epoch boundaries (14 examples per host and epoch).
-  fresh = data.make_loader(src, **kw)
+  fresh = loader.make_loader(src, **kw)
   fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 8), expected)
 
@@ -230,14 +231,14 @@ def test_loader_state_resumes_on_another_shard_count():
   and on the same 2 hosts each host gets its own state back."""
   src = _toy_source(40)
   kw = dict(seq_len=8, seed=5)
-  hosts = [data.make_loader(src, batch_size=2, shard_index=s, shard_count=2, **kw) for s in range(2)]
+  hosts = [loader.make_loader(src, batch_size=2, shard_index=s, shard_count=2, **kw) for s in range(2)]
   seen = [_ids(b) for it in hosts for b in _take(it, 3)]
   saved = json.loads(json.dumps({'processes': [it.get_state() for it in hosts]}))
-  one = data.make_loader(src, batch_size=4, **kw)
+  one = loader.make_loader(src, batch_size=4, **kw)
   assert sorted(sum(seen, [])) == sorted(sum((_ids(b) for b in _take(one, 3)), []))
-  resumed = data.make_loader(src, batch_size=4, **kw)
+  resumed = loader.make_loader(src, batch_size=4, **kw)
   resumed.set_state(saved)
   _assert_batches_equal(_take(resumed, 9), _take(one, 9))  # across the epoch boundary (10 batches)
-  again = data.make_loader(src, batch_size=2, shard_index=1, shard_count=2, **kw)
+  again = loader.make_loader(src, batch_size=2, shard_index=1, shard_count=2, **kw)
   again.set_state(saved)
   _assert_batches_equal(_take(again, 4), _take(hosts[1], 4))

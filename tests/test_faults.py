@@ -45,6 +45,7 @@ from medusa_jax import checkpoint as ckpt_lib
 from medusa_jax import config as config_lib
 from medusa_jax import convert
 from medusa_jax import data as data_lib
+from medusa_jax import loader as loader_lib
 from medusa_jax import decode
 from medusa_jax import distill
 from medusa_jax import preemption
@@ -388,7 +389,7 @@ def test_a_nonfinite_step_leaves_params_and_the_whole_optimizer_state_bit_identi
   _poison(monkeypatch, (1,))
   step_fn = jax.jit(lambda state, b: trainer.train_step(sc, tx, state, frozen, b))
   src = data_lib.load_split(data_dir, train_data.dataset_name(c), "train")
-  batch = next(data_lib.make_loader(src, batch_size=2, seq_len=c.train.seq_len, seed=0))
+  batch = next(loader_lib.make_loader(src, batch_size=2, seq_len=c.train.seq_len, seed=0))
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "id"}
 
   states, metrics = [optim.TrainState(step=jnp.asarray(0), params=tparams, opt_state=tx.init(tparams))], []

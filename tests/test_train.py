@@ -29,6 +29,7 @@ from medusa_jax import benchmark
 from medusa_jax import checkpoint as ckpt_lib
 from medusa_jax import convert
 from medusa_jax import data as data_lib
+from medusa_jax import loader as loader_lib
 from medusa_jax import heads as heads_lib
 from medusa_jax import lora as lora_lib
 from medusa_jax import loss as loss_lib
@@ -203,7 +204,7 @@ def test_medusa1_leaves_the_backbone_bit_identical(data_dir, run_a):
   assert set(tparams) == {"medusa"} and "vocab_ids" not in tparams["medusa"]
   step_fn = jax.jit(functools.partial(trainer.train_step, sc, tx))
   src = data_lib.load_split(data_dir, train_data.dataset_name(c), "train")
-  batch = next(data_lib.make_loader(src, batch_size=2, seq_len=c.train.seq_len, seed=0))
+  batch = next(loader_lib.make_loader(src, batch_size=2, seq_len=c.train.seq_len, seed=0))
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "id"}
   before = jax.tree.map(np.asarray, params)
   state = _state(tx, tparams)
