@@ -559,16 +559,20 @@ def test_cached_hidden_states_train_as_the_forward_does(data_dir, run_a, tmp_pat
   c = train_config(data_dir, cache_hidden=True, steps=30)
   out = trainer.train_and_evaluate(c, str(tmp_path / "a"))
   assert out["step"] == 30
-  files = sorted(glob.glob(os.path.join(data_dir, "hidden", "*.npy")))
-  assert len(files) == 4  # train and heldout, each with its offsets
+  # Train and heldout, each with its offsets, named by this backbone's fingerprint (other tests that
+  # share data_dir may have cached other backbones' states beside them).
+  cfg, base, _ = convert.load_model(c.model)
+  stem = os.path.join(data_dir, "hidden", train_data.dataset_name(c))
+  tag = f"l{c.train.seq_len}_{hidden_cache.fingerprint(cfg, base)}"
+  files = [f"{stem}_{split}_{tag}{ext}" for split in ("train", "heldout") for ext in (".npy", ".offsets.npy")]
+  assert all(os.path.exists(f) for f in files), files
   (got,) = tb_scalars(str(tmp_path / "a"))
   _, _, _, want = run_a
   for key in (("train/loss", 1), ("train/loss", 2), ("train/grad_norm", 1), ("eval/heads_loss", 1)):
     assert got[key] == pytest.approx(want[key], rel=2e-5), key
   # The cached states are the forward's, example by example.
-  cfg, base, _ = convert.load_model(c.model)
   src = data_lib.load_split(data_dir, train_data.dataset_name(c), "train")
-  cache = hidden_cache.load(next(f for f in files if "_train_" in f and not f.endswith(".offsets.npy")))
+  cache = hidden_cache.load(files[0])
   for i in (0, 7):
     toks = np.asarray(src[i]["tokens"][:c.train.seq_len])[None]
     L = toks.shape[1]
