@@ -43,73 +43,6 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// ------------------------------------------------------------------ previous kernel (v1)
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-constexpr int64_t kPanel = 32;
-
-template <int R>
-void V1Panel(const float* __restrict x, int64_t D, const float* __restrict w, float* __restrict y,
-             int64_t ldy) {
-  v16 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v16{};
-  for (int64_t k = 0; k < D; ++k) {
-    __builtin_prefetch(w + (k + 64) * kPanel);
-    __builtin_prefetch(w + (k + 64) * kPanel + 16);
-    v16 w0, w1;
-    std::memcpy(&w0, w + k * kPanel, 64);
-    std::memcpy(&w1, w + k * kPanel + 16, 64);
-    for (int r = 0; r < R; ++r) {
-      const float s = x[r * D + k];
-      acc[r][0] += s * w0;
-      acc[r][1] += s * w1;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    std::memcpy(y + r * ldy, &acc[r][0], 64);
-    std::memcpy(y + r * ldy + 16, &acc[r][1], 64);
-  }
-}
-
-using V1Fn = void (*)(const float*, int64_t, const float*, float*, int64_t);
-constexpr V1Fn kV1[9] = {nullptr,    V1Panel<1>, V1Panel<2>, V1Panel<3>, V1Panel<4>,
-                         V1Panel<5>, V1Panel<6>, V1Panel<7>, V1Panel<8>};
-
-struct V1Job {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t M, D, NP, chunk, num_chunks;
-  std::atomic<int64_t> next{0}, done{0};
-  void Work() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
-      for (int64_t p = c * chunk, p1 = std::min(NP, (c + 1) * chunk); p < p1; ++p)
-        for (int64_t r0 = 0; r0 < M; r0 += 8)
-          kV1[std::min<int64_t>(8, M - r0)](x + r0 * D, D, w + p * D * kPanel,
-                                            y + r0 * NP * kPanel + p * kPanel, NP * kPanel);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-ffi::Error V1Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::ResultBuffer<ffi::F32> y) {
-  auto job = std::make_shared<V1Job>();
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
-  job->M = x.dimensions()[0];
-  job->D = x.dimensions()[1];
-  job->NP = w.dimensions()[0];
-  const int64_t workers = std::max<int64_t>(
-      1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
-  job->chunk = std::max<int64_t>(1, job->NP / (8 * workers));
-  job->num_chunks = (job->NP + job->chunk - 1) / job->chunk;
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
-  return ffi::Error::Success();
-}
-
 // ------------------------------------------------------------------ libraries
 struct Shape {
   int64_t K, N;
@@ -197,13 +130,6 @@ std::vector<float*> g_packed;
 using namespace probe;  // NOLINT
 
 extern "C" {
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ProbeV1Matmul, V1Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // The projections of one step: n (K, N) pairs; inputs of up to max_rows rows.
 void probe_set_shapes(int n, const int64_t* kn, int64_t max_rows) {

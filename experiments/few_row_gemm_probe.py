@@ -6,8 +6,8 @@ Paths:
     elementwise work and the ~120 calls' dispatch, common to every JAX path);
   * ``xla``: XLA's own dot (``x @ w``);
   * ``kernel``: the project's kernel as the package builds it (``medusa_jax/csrc/cpu_matmul.cc``);
-  * ``v1``: the project's previous kernel (8-row register block), from ``few_row_gemm_probe.cc``;
-  * candidates: other kernel sources (``--candidate A.cc,B.cc``, same FFI signature), by file stem;
+  * candidates: other kernel sources (``--candidate A.cc,B.cc``, same FFI signature), by file stem,
+    e.g. an earlier version of the project's kernel: ``git show REV:medusa_jax/csrc/cpu_matmul.cc > v1.cc``;
   * ``mkl``: MKL's packed GEMM (``cblas_sgemm_pack`` once, ``cblas_sgemm_compute`` per call), if
     ``libmkl_rt`` is found (``--mkl``, or the ``mkl`` wheel's ``lib/`` under this Python's prefix);
   * ``dnnl``: oneDNN's matmul with weights in its chosen layout, if its headers and library are
@@ -130,7 +130,7 @@ def main(argv=None):
   ap.add_argument("--mkl", help="path of libmkl_rt.so (default: the mkl wheel's, under this Python's prefix)")
   ap.add_argument("--dnnl-prefix", default=sys.prefix, help="oneDNN's prefix (include/ and lib/)")
   ap.add_argument("--lib-threads", type=int, default=os.cpu_count(), help="the libraries' OpenMP threads")
-  ap.add_argument("--paths", default="floor,xla,kernel,v1,candidate,kernel_c,mkl,dnnl", help="which paths to time")
+  ap.add_argument("--paths", default="floor,xla,kernel,candidate,kernel_c,mkl,dnnl", help="which paths to time")
   ap.add_argument("--realtime", action="store_true",
                   help="time at real-time priority (Linux, root), on a machine other work keeps busy")
   ap.add_argument("--peak", action="store_true", help=f"also time xla and kernel at {cpu_kernels.PEAK_ROWS} rows")
@@ -141,7 +141,6 @@ def main(argv=None):
   os.environ.setdefault("OMP_NUM_THREADS", str(args.lib_threads))
   tmp = tempfile.mkdtemp(prefix="gemm_probe_")
   helper, have_dnnl = build_helper(args.dnnl_prefix, tmp)
-  jax.ffi.register_ffi_target("probe_v1_matmul", jax.ffi.pycapsule(helper.ProbeV1Matmul), platform="cpu")
   matmuls = {}
   if "xla" in wanted:
     matmuls["xla"] = (lambda a, w, n: a @ w, False)
@@ -149,21 +148,21 @@ def main(argv=None):
     matmuls["floor"] = (lambda a, w, n: a[:, :1] * w[0, :n], False)
   if "kernel" in wanted and cpu_kernels._load():  # pylint: disable=protected-access
     matmuls["kernel"] = (cpu_kernels.matmul, True)
-  if "v1" in wanted:
-    matmuls["v1"] = (ffi_matmul("probe_v1_matmul"), True)
+  candidates = []
   for src in (args.candidate.split(",") if args.candidate and "candidate" in wanted else []):
     name = os.path.splitext(os.path.basename(src))[0]
+    candidates.append(name)
     cand = build_candidate(src, tmp)
     jax.ffi.register_ffi_target(f"probe_{name}", jax.ffi.pycapsule(cand.MedusaCpuMatmul), platform="cpu")
     matmuls[name] = (ffi_matmul(f"probe_{name}"), True)
 
   print(f"{hardware.cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__}; "
         f"{cpu_kernels.STEP_BYTES / 1e6:.0f} MB of weights, {len(cpu_kernels.STEP_SHAPES)} projections per step")
-  # The previous kernel gets its own copy of the weights: the current one backs the copy it reads by
+  # Each candidate gets its own copy of the weights: the project's kernel backs the copy it reads by
   # huge pages, which would speed up any other path reading that copy too.
-  runs = cpu_kernels.step_paths(rows, {k: v for k, v in matmuls.items() if k != "v1"})
-  if "v1" in matmuls:
-    runs.update(cpu_kernels.step_paths(rows, {"v1": matmuls["v1"]}))
+  runs = cpu_kernels.step_paths(rows, {k: v for k, v in matmuls.items() if k not in candidates})
+  for name in candidates:
+    runs.update(cpu_kernels.step_paths(rows, {name: matmuls[name]}))
   bitwise = {name: bitwise_jax(mm, p, rows) for name, (mm, p) in matmuls.items() if name != "floor"}
 
   shapes = (ctypes.c_int64 * (2 * len(cpu_kernels.STEP_SHAPES)))(*[v for kn in cpu_kernels.STEP_SHAPES for v in kn])
