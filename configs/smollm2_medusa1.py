@@ -7,6 +7,9 @@
   python -m medusa_jax.benchmark --config configs/smollm2_medusa1.py --checkpoint runs/smollm2_medusa1/export \
       --tree runs/smollm2_medusa1/tree.json --modes vanilla,medusa --num_prompts 10 --max_new_tokens 128
 
+Variants: ``:soft`` teacher-forced ShareGPT with the backbone's soft labels (no generation),
+``:prefix`` the heads' prefix-attention layer; they combine, e.g. ``:soft,prefix``.
+
 Sized for `make demo` on a 2-core CPU (about an hour end to end on a fresh clone of an AMD EPYC,
 shared with a test run; the demo prints its own estimate after the first stage). Variants:
 ``:tiny`` (a 2-layer random model, a few steps: the tests' end-to-end run).
@@ -50,4 +53,22 @@ def get_config(arg=None):
   return config_lib.apply_variants(c, arg, VARIANTS, "configs/smollm2_medusa1.py")
 
 
-VARIANTS = {"tiny": config_lib.tiny}
+def soft(c):
+  """Teacher-forced soft labels (Hydra++ / EAGLE-1's data): ShareGPT's own replies, no generation;
+  each head learns the frozen backbone's distribution of the token it guesses (KL), computed from
+  the cached hidden states. ``data.max_tokens`` is the token budget (nested prefixes of one
+  dataset of ~8M tokens share one cache); the steps follow it (``train.epochs``).
+  experiments/data_curve.py measures the budgets."""
+  c.data.source = "sharegpt"
+  c.data.max_examples = 24000  # ~8.7M tokens at 384 (ShareGPT examples average ~364 here)
+  c.data.max_tokens = 1_000_000
+  c.train.heads_loss = "kl"
+  c.train.epochs = 1.0  # the steps follow the budget
+
+
+def prefix(c):
+  """The heads read one decoder layer over the backbone's hidden states (Hydra++; heads.py)."""
+  c.heads.prefix_layer = True
+
+
+VARIANTS = {"tiny": config_lib.tiny, "soft": soft, "prefix": prefix}

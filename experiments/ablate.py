@@ -59,12 +59,28 @@ PAPER_STACK = {"vanilla": 1.0, "heads, no tree (top-1 chain)": 1.5, "release's 6
 # ----------------------------------------------------------------------------------------------
 
 def load_config(spec: str, overrides=()):
+  """The config of ``spec`` ('file.py:variants') with ``--config.KEY=VALUE`` overrides applied (a value
+  is read as a Python literal, else kept as a string; an unknown key is an error)."""
+  import ast  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=False)
-  fv(["prog", f"--config={spec}", *overrides])
-  return holder.value
+  fv(["prog", f"--config={spec}"])
+  c = holder.value
+  for o in overrides:
+    key, _, value = o.removeprefix("--config.").partition("=")
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"unknown config key {key!r} in override {o!r}")
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  return c
 
 
 class Results:

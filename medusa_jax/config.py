@@ -57,6 +57,9 @@ def default_config() -> ConfigDict:
       data_dir="data",        # TFDS datasets are materialised here (git-ignored)
       max_len=512,            # examples are truncated to this many tokens
       max_examples=0,         # 0 = all
+      # The run's token budget: train on the first train-split examples holding this many tokens
+      # (truncated to train.seq_len); 0 = all. Budgets share one dataset and one hidden-state cache.
+      max_tokens=0,
       heldout_fraction=0.02,  # by a hash of the conversation id; calibration reads held-out prompts
       pack=False,
   ))
@@ -73,6 +76,7 @@ def default_config() -> ConfigDict:
 
   c.train = ConfigDict(dict(
       steps=200,
+      epochs=0.0,             # > 0: steps follow the data, this many passes over the train split's tokens
       batch_size=8,
       seq_len=512,
       lr=1e-3,                # the heads' peak learning rate (the original scripts: 1e-3)
@@ -91,6 +95,7 @@ def default_config() -> ConfigDict:
       # Medusa-1: the frozen backbone's hidden states of every example computed once (on each host)
       # (cached under data.data_dir/hidden) and looked up per batch, instead of a forward per step.
       cache_hidden=False,
+      cache_dtype="bfloat16",  # the cache on disk: bfloat16 (half the disk, rel. error <= 2^-9) | float32
       # Which parameters train, as (regex over 'base/layers_0/wq'-style paths, group or None).
       # First match wins; None freezes. Medusa-1 vs Medusa-2 differ only here and in lm_weight.
       trainable=(("medusa/vocab_ids", None), ("medusa/.*", "heads"), ("base/.*", None)),

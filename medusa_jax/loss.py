@@ -84,8 +84,9 @@ def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, 
   acceptance rates decoding sees.
 
   The heads run one at a time; with ``remat`` each under ``jax.checkpoint`` so only one [B, L, V']
-  logits tensor (and, with KL, the teacher's for that head) is live in the backward pass, at the
-  price of recomputing each head's projection.
+  logits tensor is live in the backward pass, at the price of recomputing each head's projection.
+  With KL the teacher's [B, L, V'] log-probabilities are computed once and shared by the heads
+  (one projection instead of one per head; they are constants, so no gradient flows through them).
   """
   if kind not in HEADS_LOSSES:
     raise ValueError(f"heads loss must be one of {HEADS_LOSSES}, got {kind!r}")
@@ -108,16 +109,20 @@ def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, 
     heads_in_BxLxD = heads_lib.heads_input(hcfg, cfg, params, hidden_BxLxD, positions_BxL,
                                            model_lib.segment_causal_mask(batch["segment_ids"]))
 
-  def one_head(m, p_m, tgt_BxL, ok_BxL, in_vocab_BxL, teacher_h_BxLxD):
+  # The teacher's log-probabilities once for all heads: head m reads them m + 1 positions on.
+  teacher_logp_BxLxV = None
+  if w_kl:
+    teacher_logp_BxLxV = jax.nn.log_softmax(
+        jax.lax.stop_gradient(teacher_logits(hcfg, cfg, params, teacher_hidden)) / kl_temperature, axis=-1)
+
+  def one_head(m, p_m, tgt_BxL, ok_BxL, in_vocab_BxL, t_logp_BxLxV):
     logits = heads_lib.subset_logits(single, cfg, {"base": params["base"], "medusa": p_m}, heads_in_BxLxD,
                                      path_BxLxK, first_head=m)[:, :, 0].astype(jnp.float32)
     ce, rank = _ce_and_rank(logits, tgt_BxL)
     ce_mean = _masked_mean(ce, ok_BxL & in_vocab_BxL)
     kl_mean = jnp.zeros((), jnp.float32)
     if w_kl:
-      t_logp = jax.nn.log_softmax(
-          jax.lax.stop_gradient(teacher_logits(hcfg, cfg, params, teacher_h_BxLxD)) / kl_temperature, axis=-1)
-      kl = jnp.sum(jnp.exp(t_logp) * (t_logp - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
+      kl = jnp.sum(jnp.exp(t_logp_BxLxV) * (t_logp_BxLxV - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
       kl_mean = _masked_mean(kl, ok_BxL)
     hits = [_masked_mean(((rank < k) & in_vocab_BxL).astype(jnp.float32), ok_BxL) for k in range(1, topk + 1)]
     return w_ce * ce_mean + w_kl * kl_mean, ce_mean, kl_mean, jnp.stack(hits)
@@ -130,9 +135,9 @@ def heads_loss(hcfg: heads_lib.HeadsConfig, cfg: model_lib.ModelConfig, params, 
     tgt, ok = shifted_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"], m + 2)
     sub_tgt = index_V[tgt]
     # Head m at t predicts t+m+1, which the backbone predicts at t+m.
-    teacher_h = _shift(teacher_hidden, m + 1) if w_kl else teacher_hidden[:, :0]
+    t_logp = _shift(teacher_logp_BxLxV, m + 1) if w_kl else teacher_hidden[:, :0]
     loss_m, ce, kl, acc = one_head(m, heads_lib.per_head(med, m), jnp.maximum(sub_tgt, 0), ok, sub_tgt >= 0,
-                                   teacher_h)
+                                   t_logp)
     total = total + decay ** (m + 1) * loss_m
     metrics[f"head{m + 1}/loss"] = loss_m
     metrics[f"head{m + 1}/ce"] = ce

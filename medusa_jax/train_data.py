@@ -1,10 +1,16 @@
 """The data a training run reads: its dataset's splits, the targets' counts, cached hidden states.
 
 ``config.data.source`` names the dataset: 'distilled' (built by ``medusa_jax.distill`` beforehand)
-or 'sharegpt' (the original replies, built here on first use).
+or 'sharegpt' (the original replies, built here on first use). ``config.data.max_tokens`` is the
+run's token budget: it trains on the first examples of the train split that hold that many tokens
+(after truncation to ``train.seq_len``), so runs with budgets 0.5M .. 8M read nested prefixes of
+one dataset and share one hidden-state cache. The held-out split is never cut and never trained on.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -14,6 +20,8 @@ from medusa_jax import data as data_lib
 from medusa_jax import loader as loader_lib
 from medusa_jax import hidden_cache
 from medusa_jax import prompts
+
+_log = logging.getLogger("medusa_jax.train_data")
 
 
 def dataset_name(config) -> str:
@@ -50,7 +58,52 @@ def sources(config, tokenizer):
     heldout = data_lib.load_split(d.data_dir, name, "heldout")
   except Exception:  # pylint: disable=broad-except
     heldout = None
+  if heldout is not None and config.train.eval_batches:
+    # Evaluation reads the first eval_batches batches in order: only those examples (with a margin
+    # for packing) need their hidden states cached, not a big split's whole held-out share.
+    heldout = Prefix(heldout, min(len(heldout), 4 * int(config.train.eval_batches) * int(config.train.batch_size)))
+  budget = int(d.get("max_tokens", 0) or 0)
+  if budget:
+    train = Prefix(train, prefix_length(train, int(config.train.seq_len), budget, name))
   return train, heldout
+
+
+def steps_for_epochs(config, train_src) -> int:
+  """``train.epochs`` passes over the train split's tokens (truncated to ``train.seq_len``), in
+  steps of ``batch_size`` rows; packed rows are counted full, so a packed run reads a few percent more."""
+  tc = config.train
+  tokens = int(hidden_cache.offsets_of(train_src, int(tc.seq_len))[-1])
+  return max(1, round(float(tc.epochs) * tokens / (int(tc.batch_size) * int(tc.seq_len))))
+
+
+class Prefix(Sequence):
+  """The first ``n`` examples of a random-access source (``full``: the whole of it)."""
+
+  def __init__(self, full, n: int):
+    self.full, self.n = full, n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not -self.n <= i < self.n:
+      raise IndexError(i)
+    return self.full[i % self.n]
+
+
+def prefix_length(source, seq_len: int, max_tokens: int, name: str = "the dataset") -> int:
+  """The fewest first examples of ``source`` that hold ``max_tokens`` tokens (each truncated to
+  ``seq_len``); all of them, with a warning, when the source holds fewer."""
+  total = 0
+  for i in range(len(source)):
+    total += min(len(source[i]["tokens"]), seq_len)
+    if total >= max_tokens:
+      _log.info("Token budget %d: the first %d of %d examples of %s (%d tokens).", max_tokens, i + 1,
+                len(source), name, total)
+      return i + 1
+  _log.warning("Token budget %d is more than %s's train split holds (%d tokens in %d examples): training on "
+               "all of it. Raise data.max_examples for more.", max_tokens, name, total, len(source))
+  return len(source)
 
 
 def target_counts(source, vocab_size: int, max_examples: int = 20000):
@@ -79,7 +132,13 @@ def hidden_caches(config, cfg, base, train_src, heldout_src, frozen_backbone: bo
   # identical copy (host-local disks), as with the dataset itself.
   for turn in (0, 1):
     if (jax.process_index() == 0) == (turn == 0):
-      caches = {k: hidden_cache.for_split(cfg, base, src, seq_len, data_dir, name, k) for k, src in splits.items()}
+      # The train split grows with the token budget, in shards; evaluation always reads the same
+      # first held-out examples, one shard of exactly those.
+      caches = {k: hidden_cache.for_split(
+          cfg, base, getattr(src, "full", src), seq_len, data_dir, name, k, num_examples=len(src),
+          dtype=config.train.cache_dtype,
+          shard_examples=hidden_cache.SHARD_EXAMPLES if k == "train" else max(1, len(src)))
+                for k, src in splits.items()}
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"hidden_cache_{turn}")
   return caches

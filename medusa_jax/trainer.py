@@ -288,6 +288,8 @@ def _setup(config, workdir: str) -> tuple[_Run, TrainState]:
   loaded = runtime.load(config, heads=heads_dir)
   cfg, hcfg, params = loaded.cfg, loaded.heads, loaded.params
   train_src, heldout_src = train_data.sources(config, loaded.tokenizer)
+  if tc.get("epochs", 0):
+    tc.steps = train_data.steps_for_epochs(config, train_src)
   if hcfg.draft_vocab and heads_dir is None:  # heads loaded from an export keep their own vocabulary
     counts = train_data.target_counts(train_src, cfg.vocab_size)
     params["medusa"]["vocab_ids"] = heads_lib.draft_vocab_from_counts(hcfg, counts)

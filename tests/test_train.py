@@ -556,32 +556,34 @@ def test_cached_hidden_states_train_as_the_forward_does(data_dir, run_a, tmp_pat
   from medusa_jax import hidden_cache  # pylint: disable=g-import-not-at-top
   # 30 steps of 2 rows: past the end of the first epoch (51 examples), where a repeated dataset's
   # indices run on (run A, the reference, has the first 12 of them).
-  c = train_config(data_dir, cache_hidden=True, steps=30)
+  c = train_config(data_dir, cache_hidden=True, cache_dtype="float32", steps=30)
   out = trainer.train_and_evaluate(c, str(tmp_path / "a"))
   assert out["step"] == 30
-  # Train and heldout, each with its offsets, named by this backbone's fingerprint (other tests that
-  # share data_dir may have cached other backbones' states beside them).
+  # Train and heldout, each a directory of shards named by this backbone's fingerprint (other tests
+  # that share data_dir may have cached other backbones' states beside them).
   cfg, base, _ = convert.load_model(c.model)
-  stem = os.path.join(data_dir, "hidden", train_data.dataset_name(c))
-  tag = f"l{c.train.seq_len}_{hidden_cache.fingerprint(cfg, base)}"
-  files = [f"{stem}_{split}_{tag}{ext}" for split in ("train", "heldout") for ext in (".npy", ".offsets.npy")]
-  assert all(os.path.exists(f) for f in files), files
+  dirs = {split: hidden_cache.cache_dir(cfg, base, data_dir, train_data.dataset_name(c), split, c.train.seq_len,
+                                        "float32") for split in ("train", "heldout")}
+  files = sorted(glob.glob(os.path.join(dirs["train"], "*.npy")) + glob.glob(os.path.join(dirs["heldout"], "*.npy")))
+  assert files and all(os.listdir(d) for d in dirs.values()), dirs
   (got,) = tb_scalars(str(tmp_path / "a"))
   _, _, _, want = run_a
   for key in (("train/loss", 1), ("train/loss", 2), ("train/grad_norm", 1), ("eval/heads_loss", 1)):
     assert got[key] == pytest.approx(want[key], rel=2e-5), key
   # The cached states are the forward's, example by example.
   src = data_lib.load_split(data_dir, train_data.dataset_name(c), "train")
-  cache = hidden_cache.load(files[0])
+  cache = hidden_cache.for_split(cfg, base, src, c.train.seq_len, data_dir, train_data.dataset_name(c), "train",
+                                 dtype="float32")
   for i in (0, 7):
     toks = np.asarray(src[i]["tokens"][:c.train.seq_len])[None]
     L = toks.shape[1]
     _, h, _ = model_lib.forward(cfg, base, toks, np.arange(L)[None], model_lib.causal_mask(jnp.array([L]), L),
                                 logits=False)
-    np.testing.assert_allclose(cache.hidden_TxD[cache.offsets[i]:cache.offsets[i + 1]], h[0], atol=2e-5)
+    np.testing.assert_allclose(cache.gather(np.arange(cache.offsets[i], cache.offsets[i + 1])), h[0], atol=2e-5)
   # A second run reads the files instead of building them again.
   mtimes = [os.path.getmtime(f) for f in files]
-  trainer.train_and_evaluate(train_config(data_dir, steps=1, cache_hidden=True), str(tmp_path / "b"))
+  trainer.train_and_evaluate(train_config(data_dir, steps=1, cache_hidden=True, cache_dtype="float32"),
+                             str(tmp_path / "b"))
   assert [os.path.getmtime(f) for f in files] == mtimes
 
 

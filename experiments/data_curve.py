@@ -1,0 +1,203 @@
+"""The data curve: how much the heads accept against how many tokens they were trained on, per recipe.
+
+  python experiments/data_curve.py --arms soft,soft+prefix --budgets 0.5M,1M,2M --out runs/data_curve
+
+For every (recipe, token budget) it trains Medusa-1 heads for one epoch on the first ``budget``
+tokens of the recipe's data (``data.max_tokens``, ``train.epochs=1``), then measures them on
+held-out ShareGPT prompts the way calibration does (``calibrate.rank_counts``): each head's top-1
+against the backbone's greedy continuation, and the simulated tokens/step of calibrate's own grown
+tree at 8, 16 and 64 nodes (tokens/step does not depend on the hardware). Recipes (``ARMS``):
+
+  soft          teacher-forced ShareGPT replies, each head learning the backbone's distribution of
+                its token (KL); no generation (configs/smollm2_medusa1.py:soft);
+  soft+prefix   the same, the heads reading the prefix-attention layer (:soft,prefix);
+  distilled     today's recipe: the backbone's own greedy replies, cross-entropy; its data must be
+                made first (``python -m medusa_jax.distill --config configs/smollm2_medusa1.py``,
+                ~1M tokens, about 2 hours of generation per million tokens on a 2-core CPU);
+  distilled+prefix  the same with the prefix layer.
+
+Equal compute is the fair axis, so each row also gives the wall time of making its data: the
+backbone's hidden-state pass over the budget for the teacher-forced recipes (``hidden_cache``'s
+per-shard records; budgets share one cache, each costing its own prefix), the distillation's
+generation for the self-distilled ones is not re-timed (the distillation prints its rate: ~128 tok/s on
+a 2-core Intel Xeon, ~90-130 on an AMD EPYC), and the training time.
+
+Resumes: finished points are kept in ``OUT/results.json``; a killed training resumes from its
+checkpoint in ``OUT/ARM/BUDGET``; the hidden-state cache keeps its finished shards. Writes
+``OUT/table.md`` and ``OUT/data_curve.png``; ``--docs DIR`` copies both there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from medusa_jax import calibrate, hardware, hidden_cache, prompts, runtime, train_data, trainer
+from medusa_jax import decode
+
+
+def _sibling(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+ablate = _sibling("ablate")
+
+CONFIG = "configs/smollm2_medusa1.py"
+ARMS = {"soft": ":soft", "soft+prefix": ":soft,prefix", "distilled": "", "distilled+prefix": ":prefix"}
+NODES = (8, 16, 64)
+
+
+def parse_budget(s: str) -> int:
+  s = s.strip().upper()
+  mult = {"K": 1e3, "M": 1e6}.get(s[-1:], 1)
+  return int(float(s[:-1] if s[-1:] in "KM" else s) * mult)
+
+
+def budget_name(n: int) -> str:
+  return f"{n / 1e6:g}M"
+
+
+def generations_for(config, loaded, path: str, num_prompts: int, max_new_tokens: int):
+  """Held-out ShareGPT prompts and the backbone's greedy continuations, made once (they do not
+  depend on the heads) and kept in ``path``."""
+  if os.path.exists(path):
+    with open(path) as f:
+      d = json.load(f)
+    return d["prompts"], d["generations"]
+  ps = [list(p.tokens) for p in itertools.islice(prompts.sharegpt_prompts(
+      loaded.tokenizer, split="heldout", heldout_fraction=float(config.data.heldout_fraction),
+      max_prompt_len=int(config.distill.max_prompt_len)), num_prompts)]
+  decoder = decode.Decoder(loaded.cfg, decode.Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
+  gens = [[] for _ in ps]
+  for idx, outs in decode.batched_generate(decoder, decoder.prepare(loaded.params), ps, 16, jax.random.PRNGKey(0)):
+    for i, o in zip(idx, outs):
+      gens[i] = list(map(int, o))
+  with open(path + ".tmp", "w") as f:
+    json.dump({"prompts": ps, "generations": gens}, f)
+  os.replace(path + ".tmp", path)
+  return ps, gens
+
+
+def acceptance(loaded, ps, gens, nodes=NODES) -> dict:
+  """Head top-1 on the held-out continuations and the simulated tokens/step of calibrate's grown
+  tree at each size."""
+  ranks: list = []
+  counts = calibrate.rank_counts(loaded.cfg, loaded.heads, loaded.params, ps, gens, num_ranks=10, batch_size=16,
+                                 ranks_out=ranks)
+  table = calibrate.accuracy_table(counts)
+  joint = np.concatenate(ranks)
+  choices, _ = calibrate.grow(table[1:], max(nodes), joint)
+  return {"head_top1": [float(x) for x in table[1:, 0]],
+          "tokens_per_step": {str(n): calibrate.simulate_tokens_per_step(ranks, choices[:n - 1]) for n in nodes}}
+
+
+def data_seconds(config, loaded, arm: str, budget: int):
+  """Wall seconds it took to make the first ``budget`` tokens of this arm's data on this machine."""
+  if arm.startswith("soft"):
+    name = train_data.dataset_name(config)
+    d = hidden_cache.cache_dir(loaded.cfg, loaded.params["base"], config.data.data_dir, name, "train",
+                               int(config.train.seq_len), config.train.cache_dtype)
+    src, _ = train_data.sources(config, loaded.tokenizer)
+    return hidden_cache.build_seconds(d, len(src))
+  # Self-distilled: the generation ran before this script (medusa_jax.distill prints its rate);
+  # it is not re-timed here.
+  return None
+
+
+def run_point(arm: str, budget: int, out: str, overrides=()) -> dict:
+  config = ablate.load_config(CONFIG + ARMS[arm], [f"--config.data.max_tokens={budget}", "--config.train.epochs=1",
+                                                 *overrides])
+  workdir = os.path.join(out, arm, budget_name(budget))
+  t0 = time.perf_counter()
+  res = trainer.train_and_evaluate(config, workdir)
+  wall = time.perf_counter() - t0
+  if res.get("stopped"):
+    raise SystemExit(f"stopped by {res['stopped']}: run the same command again to resume")
+  loaded = runtime.load(config, heads=os.path.join(workdir, "export"))
+  row = {"arm": arm, "budget": budget, "steps": int(config.train.steps), "train_and_cache_s": wall,
+         "data_s": data_seconds(config, loaded, arm, budget),
+         "eval": {k: v for k, v in (res.get("eval") or {}).items() if k.endswith("/top1")}}
+  return row, config, loaded
+
+
+def write_outputs(results, out: str, docs: str | None) -> None:
+  pts = sorted(results.points.values(), key=lambda r: (r["arm"], r["budget"]))
+  # The teacher-forced arms share one cache: a budget's data cost is the same for both.
+  soft_s = {p["budget"]: p["data_s"] for p in pts if p["arm"].startswith("soft") and p["data_s"] is not None}
+  for p in pts:
+    if p["arm"].startswith("soft") and p["data_s"] is None:
+      p["data_s"] = soft_s.get(p["budget"])
+  header = ["recipe", "tokens", "steps", "data wall s", "head top-1 (1/2/3/4)"] + [f"tok/step @{n}" for n in NODES]
+  rows = [[p["arm"], budget_name(p["budget"]), p["steps"], None if p["data_s"] is None else round(p["data_s"]),
+           " / ".join(f"{x:.3f}" for x in p["head_top1"])] + [round(p["tokens_per_step"][str(n)], 3) for n in NODES]
+          for p in pts]
+  meta = results.data["meta"]
+  ablate.write_table(out, f"Data curve ({meta['hardware']})", header, rows)
+
+  def draw(ax):
+    for arm in sorted({p["arm"] for p in pts}):
+      mine = [p for p in pts if p["arm"] == arm]
+      for n, style in zip(NODES, (":", "--", "-")):
+        ax.plot([p["budget"] / 1e6 for p in mine], [p["tokens_per_step"][str(n)] for p in mine], style, marker="o",
+                label=f"{arm}, {n} nodes", color=f"C{sorted({q['arm'] for q in pts}).index(arm)}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training tokens (millions, one epoch)")
+    ax.set_ylabel("simulated tokens/step (held-out)")
+    ax.legend(fontsize=6)
+  ablate.plot(os.path.join(out, "data_curve.png"), draw)
+  if docs:
+    os.makedirs(docs, exist_ok=True)
+    for f in ("table.md", "data_curve.png", "results.json"):
+      shutil.copy(os.path.join(out, f), os.path.join(docs, f))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog=__doc__.split("\n\n", 1)[1])
+  ap.add_argument("--arms", default="soft,soft+prefix", help=f"comma-separated recipes among {sorted(ARMS)}")
+  ap.add_argument("--budgets", default="0.5M,1M,2M", help="token budgets, e.g. 0.5M,1M,2M,4M,8M")
+  ap.add_argument("--out", default="runs/data_curve")
+  ap.add_argument("--docs", default=None, help="also copy the table, plot and results here (e.g. docs/data_curve)")
+  ap.add_argument("--num_prompts", type=int, default=32, help="held-out ShareGPT prompts measured")
+  ap.add_argument("--max_new_tokens", type=int, default=128)
+  ap.add_argument("--override", action="append", default=[], help="extra --config.KEY=VALUE for every run")
+  args = ap.parse_args(argv)
+  arms = [a for a in args.arms.split(",") if a]
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown:
+    ap.error(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
+  budgets = sorted(parse_budget(b) for b in args.budgets.split(","))
+  results = ablate.Results(args.out, {"hardware": hardware.describe(), "commit": hardware.commit(),
+                                      "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens})
+  print(f"data curve on {hardware.describe()}: arms {arms}, budgets {[budget_name(b) for b in budgets]}")
+  gens = None
+  for budget in budgets:
+    for arm in arms:
+      key = f"{arm}@{budget_name(budget)}"
+      if results.has(key):
+        continue
+      print(f"== {key}")
+      row, config, loaded = run_point(arm, budget, args.out, args.override)
+      if gens is None:
+        gens = generations_for(config, loaded, os.path.join(args.out, "generations.json"), args.num_prompts,
+                               args.max_new_tokens)
+      row.update(acceptance(loaded, *gens))
+      print(json.dumps(row))
+      results.put(key, row)
+      write_outputs(results, args.out, args.docs)
+  write_outputs(results, args.out, args.docs)
+
+
+if __name__ == "__main__":
+  main()
