@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-bundled.txt requirements-test.txt pyproj
 	$(BIN)/pip install -q --no-deps -r requirements-bundled.txt
 	$(BIN)/pip install -q -r requirements-test.txt
 	$(BIN)/pip install -q --no-deps -e .
-	$(BIN)/python -m medusa_jax.cpu_kernels || echo "note: no CPU decode kernel; decoding uses XLA's dots"
+	$(BIN)/python -m medusa_jax.backends.cpu || echo "note: no CPU decode kernel; decoding uses XLA's dots"
 	touch $(STAMP)
 
 test: setup

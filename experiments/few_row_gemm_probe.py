@@ -5,15 +5,16 @@ Paths:
   * ``floor``: the same chain with each projection replaced by a broadcast (what is left: the
     elementwise work and the ~120 calls' dispatch, common to every JAX path);
   * ``xla``: XLA's own dot (``x @ w``);
-  * ``kernel``: the project's kernel as the package builds it (``medusa_jax/csrc/cpu_matmul.cc``);
+  * ``kernel``: the project's kernel as the package builds it (``medusa_jax/backends/cpu/cpu_matmul.cc``);
   * candidates: other kernel sources (``--candidate A.cc,B.cc``, same FFI signature), by file stem,
-    e.g. an earlier version of the project's kernel: ``git show REV:medusa_jax/csrc/cpu_matmul.cc > v1.cc``;
+    e.g. an earlier version of the project's kernel: ``git show REV:medusa_jax/backends/cpu/cpu_matmul.cc > v1.cc``
+    (``medusa_jax/csrc/cpu_matmul.cc`` in revisions before the backends subpackage);
   * ``mkl``: MKL's packed GEMM (``cblas_sgemm_pack`` once, ``cblas_sgemm_compute`` per call), if
     ``libmkl_rt`` is found (``--mkl``, or the ``mkl`` wheel's ``lib/`` under this Python's prefix);
   * ``dnnl``: oneDNN's matmul with weights in its chosen layout, if its headers and library are
     found (``--dnnl-prefix``, or this Python's prefix).
 
-The JAX paths run the step as a jitted chain (``cpu_kernels.step_paths``); ``kernel_c`` (the
+The JAX paths run the step as a jitted chain (``cpu_kernel.step_paths``); ``kernel_c`` (the
 project's kernel again) and the libraries run the same 121 GEMMs back to back from C (threads:
 ``--lib-threads``; the libraries' through OpenMP), without the chain's other work (``floor``). Each path's row results are also checked
 bit for bit against 1-row calls (greedy Medusa needs a row's result independent of its call).
@@ -36,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax import cpu_kernels, hardware
+from medusa_jax import hardware
+from medusa_jax.backends.cpu import kernel as cpu_kernel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,8 +53,8 @@ def _find(patterns):
 
 def build_helper(dnnl_prefix: str | None, out_dir: str) -> tuple[ctypes.CDLL, bool]:
   src = os.path.join(HERE, "few_row_gemm_probe.cc")
-  kernel = os.path.join(os.path.dirname(cpu_kernels.__file__), "csrc", "cpu_matmul.cc")
-  cmd = ["g++", *cpu_kernels._FLAGS, "-I", jax.ffi.include_dir(), f'-DPROBE_KERNEL_SRC="{kernel}"', src]  # pylint: disable=protected-access
+  kernel = cpu_kernel._SRC  # pylint: disable=protected-access
+  cmd = ["g++", *cpu_kernel._FLAGS, "-I", jax.ffi.include_dir(), f'-DPROBE_KERNEL_SRC="{kernel}"', src]  # pylint: disable=protected-access
   dnnl = bool(dnnl_prefix and os.path.exists(os.path.join(dnnl_prefix, "include", "oneapi", "dnnl", "dnnl.hpp"))
               and _find([os.path.join(dnnl_prefix, "lib", "libdnnl.so*")]))
   if dnnl:
@@ -69,14 +71,14 @@ def build_helper(dnnl_prefix: str | None, out_dir: str) -> tuple[ctypes.CDLL, bo
 
 def build_candidate(src: str, out_dir: str) -> ctypes.CDLL:
   out = os.path.join(out_dir, os.path.basename(src) + ".so")
-  subprocess.run(["g++", *cpu_kernels._FLAGS, "-I", jax.ffi.include_dir(), src, "-o", out], check=True)  # pylint: disable=protected-access
+  subprocess.run(["g++", *cpu_kernel._FLAGS, "-I", jax.ffi.include_dir(), src, "-o", out], check=True)  # pylint: disable=protected-access
   return ctypes.CDLL(out)
 
 
 def ffi_matmul(target):
   def mm(x, packed, out_features):
     M, NP = x.shape[0], packed.shape[0]
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, NP * cpu_kernels.PANEL), jnp.float32))(x, packed)
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, NP * cpu_kernel.PANEL), jnp.float32))(x, packed)
     return y[:, :out_features]
   return mm
 
@@ -111,7 +113,7 @@ def bitwise_jax(mm, is_packed, rows) -> bool:
   rng = np.random.default_rng(3)
   w = rng.standard_normal((576, 3072)).astype(np.float32) * 0.05
   x = rng.standard_normal((max(rows), 576)).astype(np.float32)
-  wj = cpu_kernels.pack(w) if is_packed else jnp.asarray(w)
+  wj = cpu_kernel.pack(w) if is_packed else jnp.asarray(w)
   f = jax.jit(lambda a, b: mm(a, b, 3072))
   ok = True
   for n in rows:
@@ -133,7 +135,7 @@ def main(argv=None):
   ap.add_argument("--paths", default="floor,xla,kernel,candidate,kernel_c,mkl,dnnl", help="which paths to time")
   ap.add_argument("--realtime", action="store_true",
                   help="time at real-time priority (Linux, root), on a machine other work keeps busy")
-  ap.add_argument("--peak", action="store_true", help=f"also time xla and kernel at {cpu_kernels.PEAK_ROWS} rows")
+  ap.add_argument("--peak", action="store_true", help=f"also time xla and kernel at {cpu_kernel.PEAK_ROWS} rows")
   args = ap.parse_args(argv)
   rows = tuple(int(r) for r in args.rows.split(","))
   wanted = set(args.paths.split(","))
@@ -146,8 +148,8 @@ def main(argv=None):
     matmuls["xla"] = (lambda a, w, n: a @ w, False)
   if "floor" in wanted:  # the chain without the projections' work: what is not the weights' cost
     matmuls["floor"] = (lambda a, w, n: a[:, :1] * w[0, :n], False)
-  if "kernel" in wanted and cpu_kernels._load():  # pylint: disable=protected-access
-    matmuls["kernel"] = (cpu_kernels.matmul, True)
+  if "kernel" in wanted and cpu_kernel._load():  # pylint: disable=protected-access
+    matmuls["kernel"] = (cpu_kernel.matmul, True)
   candidates = []
   for src in (args.candidate.split(",") if args.candidate and "candidate" in wanted else []):
     name = os.path.splitext(os.path.basename(src))[0]
@@ -157,16 +159,16 @@ def main(argv=None):
     matmuls[name] = (ffi_matmul(f"probe_{name}"), True)
 
   print(f"{hardware.cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__}; "
-        f"{cpu_kernels.STEP_BYTES / 1e6:.0f} MB of weights, {len(cpu_kernels.STEP_SHAPES)} projections per step")
+        f"{cpu_kernel.STEP_BYTES / 1e6:.0f} MB of weights, {len(cpu_kernel.STEP_SHAPES)} projections per step")
   # Each candidate gets its own copy of the weights: the project's kernel backs the copy it reads by
   # huge pages, which would speed up any other path reading that copy too.
-  runs = cpu_kernels.step_paths(rows, {k: v for k, v in matmuls.items() if k not in candidates})
+  runs = cpu_kernel.step_paths(rows, {k: v for k, v in matmuls.items() if k not in candidates})
   for name in candidates:
-    runs.update(cpu_kernels.step_paths(rows, {name: matmuls[name]}))
+    runs.update(cpu_kernel.step_paths(rows, {name: matmuls[name]}))
   bitwise = {name: bitwise_jax(mm, p, rows) for name, (mm, p) in matmuls.items() if name != "floor"}
 
-  shapes = (ctypes.c_int64 * (2 * len(cpu_kernels.STEP_SHAPES)))(*[v for kn in cpu_kernels.STEP_SHAPES for v in kn])
-  helper.probe_set_shapes(len(cpu_kernels.STEP_SHAPES), shapes, max(rows))
+  shapes = (ctypes.c_int64 * (2 * len(cpu_kernel.STEP_SHAPES)))(*[v for kn in cpu_kernel.STEP_SHAPES for v in kn])
+  helper.probe_set_shapes(len(cpu_kernel.STEP_SHAPES), shapes, max(rows))
   for fn in ("probe_mkl_pass", "probe_dnnl_pass", "probe_kernel_pass"):
     getattr(helper, fn).restype = ctypes.c_double
     getattr(helper, fn).argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
@@ -208,19 +210,19 @@ def main(argv=None):
     print("dnnl: no oneDNN headers and library under --dnnl-prefix")
 
   with realtime(args.realtime):
-    times = cpu_kernels.time_paths(runs, rows, args.repeats)
+    times = cpu_kernel.time_paths(runs, rows, args.repeats)
   helper.probe_free_dnnl()
   peak_ms = None
   if args.peak:
     big = {k: v for k, v in matmuls.items() if k in ("xla", "kernel")}
-    big_runs = cpu_kernels.step_paths((cpu_kernels.PEAK_ROWS,), big)
+    big_runs = cpu_kernel.step_paths((cpu_kernel.PEAK_ROWS,), big)
     with realtime(args.realtime):
-      pt = cpu_kernels.time_paths(big_runs, (cpu_kernels.PEAK_ROWS,), 3)
+      pt = cpu_kernel.time_paths(big_runs, (cpu_kernel.PEAK_ROWS,), 3)
     peak_ms = {k: 1e3 * min(v[0]) for k, v in pt.items()}
 
   med = {k: [1e3 * float(np.median(t)) for t in v] for k, v in times.items()}
   best = {k: [1e3 * float(np.min(t)) for t in v] for k, v in times.items()}
-  roof = cpu_kernels.roofline(rows, {k: v for k, v in best.items() if k != "floor"}, peak_ms)
+  roof = cpu_kernel.roofline(rows, {k: v for k, v in best.items() if k != "floor"}, peak_ms)
   bw = f"{roof['bandwidth'] / 1e9:.1f} GB/s" if roof["bandwidth"] else "?"
   print(f"roofline (min times): bandwidth {bw}, peak {roof['peak'] / 1e9:.0f} GFLOP/s ({roof['peak_how']})")
   print(f"{'path':>9} {'':>6}" + "".join(f"{n:>8}" for n in rows) + "   bitwise rows")
@@ -228,8 +230,8 @@ def main(argv=None):
   for name in times:
     print(f"{name[:9]:>9} {'min':>6}" + "".join(f"{t:>8.1f}" for t in best[name]) + f"   {'' if name not in bitwise else 'yes' if bitwise[name] else 'NO'}")
     print(f"{'':>9} {'median':>6}" + "".join(f"{t:>8.1f}" for t in med[name]))
-    print(f"{'':>9} {'GB/s':>6}" + "".join(f"{cpu_kernels.STEP_BYTES / t / 1e6:>8.1f}" for t in best[name]))
-    print(f"{'':>9} {'GFLOP/s':>6}" + "".join(f"{cpu_kernels.step_flops(n) / t / 1e6:>8.1f}" for n, t in zip(rows, best[name])))
+    print(f"{'':>9} {'GB/s':>6}" + "".join(f"{cpu_kernel.STEP_BYTES / t / 1e6:>8.1f}" for t in best[name]))
+    print(f"{'':>9} {'GFLOP/s':>6}" + "".join(f"{cpu_kernel.step_flops(n) / t / 1e6:>8.1f}" for n, t in zip(rows, best[name])))
     print(f"{'':>9} {'xbound':>6}" + "".join(f"{t / b:>8.2f}" for t, b in zip(best[name], roof["bound_ms"])))
     if 1 in rows:
       i1 = rows.index(1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import time
@@ -24,13 +25,15 @@ import time
 import jax
 import jax.numpy as jnp
 
-from medusa_jax import cpu_kernels, decode, hardware, medusa, model, runtime
+from medusa_jax import backends, decode, hardware, medusa, model, runtime
 from medusa_jax import tree as tree_lib
+from medusa_jax.backends.cpu import kernel
 
 
-def _cheap(x, out_features):
-  """A stand-in for x @ W of the right shape that reads no weight."""
-  return jnp.broadcast_to(x[..., :1], x.shape[:-1] + (out_features,)) * 1e-3
+def _cheap(x, w):
+  """A stand-in for x @ w (w plain [in, ...]) of the right shape that reads no weight."""
+  out = x.shape[:-1] + w.shape[1:]
+  return jnp.broadcast_to(x[..., :1], x.shape[:-1] + (math.prod(w.shape[1:]),)).reshape(out) * 1e-3
 
 
 @contextlib.contextmanager
@@ -42,21 +45,16 @@ def ablate(name: str):
     saved.append((obj, attr, getattr(obj, attr)))
     setattr(obj, attr, fn)
 
-  if name == "projections":
-    patch(cpu_kernels, "matmul", lambda x, packed, n: _cheap(x, n))
+  if name == "projections":  # the seam (the CPU kernel or XLA's dot), and the tied LM head's argmax
+    patch(backends, "project", lambda x, ws, *a, **kw: tuple(_cheap(x, w) for w in ws))
     real_einsum = jnp.einsum
 
-    def einsum(eq, a, b, **kw):  # weight einsums: the second operand has no batch axis
-      if eq in ("bld,dhe->blhe", "bld,dke->blke"):
-        return jnp.broadcast_to(a[..., :1, None], a.shape[:2] + b.shape[1:]) * 1e-3
-      if eq in ("bld,df->blf", "blf,fd->bld", "bld,dv->blv"):
-        return _cheap(a, b.shape[-1])
-      if eq == "vd,bld->vbl":
+    def einsum(eq, a, b, **kw):
+      if eq == "vd,bld->vbl":  # model.greedy_tokens, vocabulary-major
         return jnp.broadcast_to(b[..., 0][None], (a.shape[0],) + b.shape[:2]) * 1e-3
       return real_einsum(eq, a, b, **kw)
 
     patch(model.jnp, "einsum", einsum)
-    patch(model.jnp, "dot", lambda a, b, **kw: _cheap(a, b.shape[-1]))
   elif name == "attention":
     patch(model, "_attention", lambda cfg, q, k, v, mask: q)
   elif name == "cache writes":
@@ -150,7 +148,7 @@ def main(argv=None):
         row.append(f"{'-':>18}")
     print(f"{ab:<24}" + "".join(row))
   print(f"{'everything else':<24}" + "".join(f"{rest[l]:>18.2f}" for l in labels))
-  print(f"kernel: {'on, <= %d rows' % cpu_kernels.max_rows() if shared.packed is not None else 'off'}; "
+  print(f"kernel: {'on, <= %d rows' % kernel.max_rows() if shared.prepared is not None else 'off'}; "
         f"prompt {args.prompt_tokens} tokens, cache {model.cache_capacity(programs['none', 'vanilla'][2].cache)} rows; "
         f"{hardware.describe()}")
   if args.out:

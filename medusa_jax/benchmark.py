@@ -145,7 +145,7 @@ def run(config, prompts: list[dict], modes: list[str], loaded: runtime.Loaded, b
       raise ValueError(f"Unknown mode {mode!r}: use vanilla and/or medusa.")
     spec = medusa.spec_from(config, loaded.heads) if mode == "medusa" else None
     d = medusa.make_decoder(loaded.cfg, sampling, spec, placement=placement)
-    # Prepared once; the modes share one packed copy of the backbone for the CPU kernel.
+    # Prepared once; the modes share one projection backend's copy of the backbone (the CPU kernel's).
     entries[mode] = (d, d.prepare(shared))
     shared = entries[mode][1]
   token_lists = [runtime.chat_prompt(loaded.tokenizer, p["text"]) for p in prompts]

@@ -271,7 +271,7 @@ def measure_step_costs(cfg, hcfg, params, choices: Sequence[Sequence[int]], size
     if n > 1:
       spec = medusa.MedusaSpec(heads=hcfg, tree=tree_lib.build(choices[:n - 1], num_heads=hcfg.num_heads))
     decoder = medusa.make_decoder(cfg, sampling, spec)
-    # Exactly what the decoder runs: its prepared params (one packed backbone shared by all sizes,
+    # Exactly what the decoder runs: its prepared params (one backend copy of the backbone shared by all sizes,
     # each size's own head weights) and the jitted step of its loop (the state donated, as there).
     dparams[n] = shared = decoder.prepare(shared)
     states[n] = decoder.start(dparams[n], [list(prompt)])

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from medusa_jax import backends
 from medusa_jax import model as model_lib
 from medusa_jax.model import ModelConfig
 
@@ -77,11 +78,12 @@ class DecodeParams:
   """What a decoder runs on (``Decoder.prepare``): the shared ``{base, medusa}`` params pytree,
   unchanged, beside loop-invariant copies the decoder owns. Training never sees the copies.
 
-  ``packed``: the backbone's matrices in the CPU kernel's layout (``model.pack_weights``) or None.
+  ``prepared``: a projection backend's copy of the backbone's projections (``backends.prepare`` of
+  ``model.projections``), or None where XLA's dots serve them all.
   ``heads``: the heads' loop-invariant weights (``heads.decoding_weights``), ``{}`` without heads.
   """
   params: dict
-  packed: dict | None = None
+  prepared: dict | None = None
   heads: dict = flax.struct.field(default_factory=dict)
 
 
@@ -199,10 +201,10 @@ def prefill(cfg: ModelConfig, dp: DecodeParams, prompts_BxP, lengths_B, rng, *, 
   positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   mask = model_lib.cache_causal_mask(cache["index"], P, capacity)
   _, hidden_BxPxD, cache = model_lib.forward(cfg, base, prompts_BxP, positions_BxP, mask, cache, logits=False,
-                                             packed=dp.packed)
+                                             prepared=dp.prepared)
   cache = {**cache, "index": lengths_B.astype(jnp.int32)}
   last_h_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (lengths_B - 1)[:, None, None], axis=1)
-  logits_BxV = model_lib.project_logits(cfg, base, last_h_Bx1xD, dp.packed)[:, 0]
+  logits_BxV = model_lib.project_logits(cfg, base, last_h_Bx1xD, dp.prepared)[:, 0]
   rng, sub = jax.random.split(rng)
   first_B = sample_logits(logits_BxV, sub, Sampling(temperature=0.0) if greedy_first else sampling)
   T = sampling.max_new_tokens + slack
@@ -221,7 +223,7 @@ def vanilla_step(cfg: ModelConfig, dp: DecodeParams, state: DecodeState, *, samp
   idx_B = cache["index"]
   mask = model_lib.cache_causal_mask(idx_B, 1, S)
   logits_Bx1xV, _, cache = model_lib.forward(cfg, dp.params["base"], state.last_B[:, None], idx_B[:, None], mask,
-                                             cache, packed=dp.packed)
+                                             cache, prepared=dp.prepared)
   cache = model_lib.advance(cache, (~state.done_B).astype(jnp.int32))
   rng, sub = jax.random.split(state.rng)
   next_B = sample_logits(logits_Bx1xV[:, 0], sub, sampling)
@@ -252,14 +254,15 @@ class Decoder:
   ``step_fn(cfg, dparams, state, sampling=...)`` is the mode's step, ``room`` the cache rows a step
   writes, ``slack`` how many tokens a step may emit beyond ``max_new_tokens`` before truncation,
   ``carry_draft``/``greedy_first``/``draft_prefill`` as in ``prefill``, ``heads_weights(params,
-  kernel=) -> dict`` the mode's loop-invariant head weights (``DecodeParams.heads``; ``kernel``: the
-  CPU kernel is in use). ``placement`` (a ``sharding.DecodePlacement``) runs them on a device mesh
-  with explicit shardings (params by their logical axes, cache and per-sequence state by batch / kv
-  heads); None: one device, where XLA places everything and the CPU kernel may be used.
+  backend=) -> dict`` the mode's loop-invariant head weights (``DecodeParams.heads``; ``backend``:
+  a projection backend serves the backbone, so the heads' projection gets its copy too).
+  ``placement`` (a ``sharding.DecodePlacement``) runs them on a device mesh with explicit shardings
+  (params by their logical axes, cache and per-sequence state by batch / kv heads); None: one
+  device, where XLA places everything and a projection backend (the CPU kernel) may be used.
 
   Call ``prepare(params)`` once and pass its ``DecodeParams`` to ``generate``/``start``/``stream``:
-  given a plain params dict they prepare it on every call (packing the backbone for the CPU kernel
-  copies its weights once more each time).
+  given a plain params dict they prepare it on every call (a backend's copy of the backbone copies
+  its weights once more each time).
   """
   cfg: ModelConfig
   sampling: Sampling
@@ -283,15 +286,17 @@ class Decoder:
   # --- params -----------------------------------------------------------------------------------
 
   def prepare(self, params) -> DecodeParams:
-    """The ``DecodeParams`` this decoder runs on. Given another decoder's ``DecodeParams`` of the
-    same backbone (vanilla and Medusa in one benchmark), its packed copy is shared, not remade."""
-    packed = None
+    """The ``DecodeParams`` this decoder runs on: the hook through which a projection backend makes
+    its copy of the backbone's projections (``backends.prepare``; on one device only). Given another
+    decoder's ``DecodeParams`` of the same backbone (vanilla and Medusa in one benchmark), its copy
+    is shared, not remade."""
+    prepared = None
     if isinstance(params, DecodeParams):
-      params, packed = params.params, params.packed
+      params, prepared = params.params, params.prepared
     elif self.placement is None:
-      packed = model_lib.pack_weights(self.cfg, params["base"])
-    heads = {} if self.heads_weights is None else self.heads_weights(params, kernel=packed is not None)
-    return DecodeParams(params=params, packed=packed, heads=heads)
+      prepared = backends.prepare(model_lib.projections, self.cfg, params["base"])
+    heads = {} if self.heads_weights is None else self.heads_weights(params, backend=prepared is not None)
+    return DecodeParams(params=params, prepared=prepared, heads=heads)
 
   def _prepared(self, params) -> DecodeParams:
     return params if isinstance(params, DecodeParams) else self.prepare(params)

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax import cpu_kernels
+from medusa_jax import backends
 from medusa_jax import model as model_lib
 from medusa_jax.model import ModelConfig
 
@@ -269,18 +269,24 @@ def shared_weight_VxD(hcfg: HeadsConfig, cfg: ModelConfig, params):
   return params["base"]["embed"] if cfg.tie_embeddings else None
 
 
-def decoding_weights(hcfg: HeadsConfig, cfg: ModelConfig, params, kernel: bool = False) -> dict:
+def _projections(cfg: ModelConfig, weights) -> dict:
+  """The shared projection as a projection group (``backends``): one plain [D, V'] weight."""
+  del cfg  # backends.prepare's signature: the backbone's groups need it
+  return {"proj": (weights["proj_VxD"].T,)}
+
+
+def decoding_weights(hcfg: HeadsConfig, cfg: ModelConfig, params, backend: bool = False) -> dict:
   """Loop-invariant weights a decoder computes once per set of params (``decode.Decoder.prepare``),
   kept beside the params pytree, never in it: ``proj_VxD``, the heads' shared projection
-  (``shared_weight_VxD``), when there is one; with ``kernel`` (the CPU decode kernel is in use) also
-  ``proj_packed``, the same matrix in its panel layout. Gathering the draft rows inside the decode
-  loop copied (and transposed) the whole LM head on every step."""
+  (``shared_weight_VxD``), when there is one; with ``backend`` (a projection backend serves the
+  backbone) also ``proj``, the backend's copy of it (``backends.prepare``). Gathering the draft rows
+  inside the decode loop copied (and transposed) the whole LM head on every step."""
   w = shared_weight_VxD(hcfg, cfg, params)
   if w is None:
     return {}
   out = {"proj_VxD": w}
-  if kernel:
-    out["proj_packed"] = cpu_kernels.pack(jnp.asarray(w).T)
+  if backend:
+    out.update(backends.prepare(_projections, cfg, out) or {})
   return out
 
 

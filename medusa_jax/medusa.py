@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax import cpu_kernels
+from medusa_jax import backends
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
 from medusa_jax import model as model_lib
@@ -105,7 +105,7 @@ class Accepted:
 
 def _head_logits(hcfg, cfg: ModelConfig, params, hidden_BxLxD, path, first_head: int, weights: dict):
   """[B, L, M, V'] logits of the heads in ``params`` (a slice starting at head ``first_head``);
-  ``weights``: ``DecodeParams.heads`` (the shared projection gathered once, maybe packed)."""
+  ``weights``: ``DecodeParams.heads`` (the shared projection gathered once, maybe a backend's copy too)."""
   proj_VxD = weights.get("proj_VxD")
   if proj_VxD is None:
     proj_VxD = heads_lib.shared_weight_VxD(hcfg, cfg, params)
@@ -113,9 +113,8 @@ def _head_logits(hcfg, cfg: ModelConfig, params, hidden_BxLxD, path, first_head:
     return heads_lib.subset_logits(hcfg, cfg, params, hidden_BxLxD, path, first_head)
   dt = cfg.compute_dtype
   x_BxLxMxD = heads_lib.head_states(hcfg, cfg, params, hidden_BxLxD, path, first_head)
-  packed = weights.get("proj_packed")
-  if cpu_kernels.use_kernel(x_BxLxMxD, packed):  # one read of the projection for every head's row
-    return cpu_kernels.matmul(x_BxLxMxD, packed, proj_VxD.shape[0])
+  if backends.takes(x_BxLxMxD, weights.get("proj")):  # one read of the projection for every head's row
+    return backends.project(x_BxLxMxD, (proj_VxD.T,), weights["proj"])[0]
   # One [V', D] projection shared by the heads: computed vocabulary-major (the weight as the left
   # operand), which XLA-CPU runs without repacking the weight; as x @ w.T with a row per head it
   # repacked the whole transposed [V', D] weight on every step.
@@ -198,7 +197,7 @@ def verify(spec: MedusaSpec, cfg: ModelConfig, dp: DecodeParams, cache, tokens_B
   positions_BxN = idx_B[:, None] + jnp.asarray(tree.depths)[None, :]
   mask_BxNxS = model_lib.cache_tree_mask(idx_B, tree.attn_mask, model_lib.cache_capacity(cache))
   return model_lib.forward(cfg, dp.params["base"], tokens_BxN, positions_BxN, mask_BxNxS, cache, logits=logits,
-                           packed=dp.packed)
+                           prepared=dp.prepared)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ def accept_greedy(spec: MedusaSpec, cfg: ModelConfig, dp: DecodeParams, tokens_B
   """
   tree = spec.tree
   paths_CxA1 = jnp.asarray(tree.paths)  # node ids, root first
-  top_BxN = model_lib.greedy_tokens(cfg, dp.params["base"], hidden_BxNxD, dp.packed)
+  top_BxN = model_lib.greedy_tokens(cfg, dp.params["base"], hidden_BxNxD, dp.prepared)
   ok_BxCxA = top_BxN[:, paths_CxA1[:, :-1]] == tokens_BxN[:, paths_CxA1[:, 1:]]
   run_BxCxA = jnp.cumprod((ok_BxCxA & jnp.asarray(tree.path_valid)[None, :, 1:]).astype(jnp.int32), axis=-1)
   path_B, count_B, last_B = _longest(run_BxCxA, paths_CxA1)

@@ -19,16 +19,17 @@ Parameter layout (``base``), HF names in brackets::
   final_norm   [D]         (model.norm)
   lm_head      [D, V]      (lm_head, only when embeddings are untied)
 
-Decoding on a CPU may run on a second, separate pytree: the same matrices packed for the CPU decode
-kernel (``pack_weights``; the layout is defined there and only there). ``forward(..., packed=...)``
-then sends projections of few rows through the kernel (``cpu_kernels``, a leaf this module calls).
-The params pytree itself is never changed by decoding.
+Every weight projection a backend may serve goes through one seam, ``backends.project``, in the
+groups ``projections`` names (the matrices that read one input: q|k|v, o, gate|up, down; the LM
+head). Decoding may run beside the params on a second pytree, a backend's copy of those groups in
+its own layout (the CPU decode kernel's panels: ``backends.prepare``); ``forward(..., prepared=...)``
+then lets the backend take the calls it serves. Without one, or for calls it declines, the plain
+weights go to XLA's dot. The params pytree itself is never changed by decoding.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax import cpu_kernels
+from medusa_jax import backends
 
 Params = Any
 Cache = dict
@@ -143,17 +144,15 @@ def lm_head_weight(cfg: ModelConfig, base: Params) -> jax.Array:
   return base["embed"].T if cfg.tie_embeddings else base["lm_head"]
 
 
-def project_logits(cfg: ModelConfig, base: Params, hidden: jax.Array, packed: Params | None = None) -> jax.Array:
-  """[..., D] -> [..., V] logits; through the CPU kernel when ``packed`` (``pack_weights``) allows."""
-  lm_p = None if packed is None else packed["lm_head"]
-  if cpu_kernels.use_kernel(hidden, lm_p):
-    return cpu_kernels.matmul(hidden, lm_p, cfg.vocab_size)
-  w_DxV = lm_head_weight(cfg, base).astype(cfg.compute_dtype)
-  return jnp.einsum("bld,dv->blv", hidden.astype(cfg.compute_dtype), w_DxV,
-                    preferred_element_type=accum_dtype(cfg.compute_dtype))
+def project_logits(cfg: ModelConfig, base: Params, hidden: jax.Array, prepared: Params | None = None) -> jax.Array:
+  """[..., D] -> [..., V] logits; through a backend where ``prepared`` (``Decoder.prepare``) has its copy."""
+  (logits,) = backends.project(hidden.astype(cfg.compute_dtype), (lm_head_weight(cfg, base),),
+                               None if prepared is None else prepared["lm_head"],
+                               preferred_element_type=accum_dtype(cfg.compute_dtype))
+  return logits
 
 
-def greedy_tokens(cfg: ModelConfig, base: Params, hidden: jax.Array, packed: Params | None = None) -> jax.Array:
+def greedy_tokens(cfg: ModelConfig, base: Params, hidden: jax.Array, prepared: Params | None = None) -> jax.Array:
   """``argmax(project_logits(...), -1)`` as [B, L] int32, for callers that need only the argmax.
 
   With tied embeddings the [V, D] embedding is the matmul's left operand and the logits come out
@@ -162,48 +161,32 @@ def greedy_tokens(cfg: ModelConfig, base: Params, hidden: jax.Array, packed: Par
   at L = 4, the bulk of a small Medusa tree's extra cost over a one-token step).
   """
   dt, acc = cfg.compute_dtype, accum_dtype(cfg.compute_dtype)
-  lm_p = None if packed is None else packed["lm_head"]
-  if not cfg.tie_embeddings or cpu_kernels.use_kernel(hidden, lm_p):
-    return jnp.argmax(project_logits(cfg, base, hidden, packed), axis=-1).astype(jnp.int32)
+  if not cfg.tie_embeddings or backends.takes(hidden, None if prepared is None else prepared["lm_head"]):
+    return jnp.argmax(project_logits(cfg, base, hidden, prepared), axis=-1).astype(jnp.int32)
   logits_VxBxL = jnp.einsum("vd,bld->vbl", base["embed"].astype(dt), hidden.astype(dt),
                             preferred_element_type=acc)
   return jnp.argmax(logits_VxBxL, axis=0).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------
-# Packed weights for the CPU decode kernel
+# Projection groups (what a backend may prepare: backends.prepare)
 # ----------------------------------------------------------------------------------------------
 
-def _packed_layer(p) -> dict:
-  """One layer's matrices, fused by input: q|k|v (read the same normed input), o, gate|up, down."""
-  D = p["wq"].shape[0]
-  qkv = jnp.concatenate([p["wq"].reshape(D, -1), p["wk"].reshape(D, -1), p["wv"].reshape(D, -1)], axis=1)
-  return {"qkv": cpu_kernels.pack(qkv), "wo": cpu_kernels.pack(p["wo"].reshape(-1, p["wo"].shape[-1])),
-          "gate_up": cpu_kernels.pack(jnp.concatenate([p["w_gate"], p["w_up"]], 1)),
-          "down": cpu_kernels.pack(p["w_down"])}
+def _layer_projections(p) -> dict:
+  """One layer's projections, grouped by input, each weight plain [in, ...]: q|k|v (they read the
+  same normed input), o, gate|up, down. o is one [H*E, D] matrix: as a two-axis [H, E, D]
+  contraction XLA-CPU copied a transposed wo every step."""
+  H, E, D = p["wo"].shape
+  return {"qkv": (p["wq"], p["wk"], p["wv"]), "wo": (p["wo"].reshape(H * E, D),),
+          "gate_up": (p["w_gate"], p["w_up"]), "down": (p["w_down"],)}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _pack(cfg: ModelConfig, base: Params) -> Params:
-  return {"layers": [_packed_layer(base[f"layers_{i}"]) for i in range(cfg.num_layers)],
-          "lm_head": cpu_kernels.pack(lm_head_weight(cfg, base))}
-
-
-def pack_weights(cfg: ModelConfig, base: Params) -> Params | None:
-  """The backbone's matrices packed for the CPU decode kernel, ``{'layers': [{qkv, wo, gate_up, down}],
-  'lm_head'}``, or None where the kernel is not used (not float32, off, unbuilt, several devices).
-
-  A separate pytree (about the size of the backbone) that the caller owns and passes to
-  ``forward(..., packed=)``; ``decode.Decoder.prepare`` makes it once per backbone. It also settles
-  the kernel's measured row crossover now (``cpu_kernels.max_rows``), outside any trace.
-  """
-  if cfg.compute_dtype != jnp.float32 or base["embed"].dtype != jnp.float32 or not cpu_kernels.enabled():
-    return None
-  if any(len(leaf.sharding.device_set) > 1 for leaf in jax.tree.leaves(base) if hasattr(leaf, "sharding")):
-    return None  # sharded over a mesh: the custom call has no partitioning rule
-  if cpu_kernels.max_rows() < 1:
-    return None  # measured slower than XLA's dot even for one row on this machine
-  return _pack(cfg, base)
+def projections(cfg: ModelConfig, base: Params) -> Params:
+  """The backbone's projection groups, ``{'layers': [{qkv, wo, gate_up, down}], 'lm_head'}``: what
+  ``decode.Decoder.prepare`` gives ``backends.prepare``, whose copy (``prepared``, the same pytree)
+  ``forward`` takes beside the params."""
+  return {"layers": [_layer_projections(base[f"layers_{i}"]) for i in range(cfg.num_layers)],
+          "lm_head": (lm_head_weight(cfg, base),)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,21 +317,12 @@ def _attention(cfg, q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS):
   return out.reshape(B, L, H, E).astype(q_BxLxHxE.dtype)
 
 
-def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv_freq, packed=None):
+def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv_freq, prepared=None):
   dt = cfg.compute_dtype
   B, L = x_BxLxD.shape[:2]
-  H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  kernel = packed is not None and cpu_kernels.use_kernel(x_BxLxD, packed["qkv"])
+  w, prepared = _layer_projections(p), prepared or {}
   h = rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
-  if kernel:
-    qkv = cpu_kernels.matmul(h, packed["qkv"], (H + 2 * K) * E)
-    q = qkv[..., :H * E].reshape(B, L, H, E)
-    k = qkv[..., H * E:(H + K) * E].reshape(B, L, K, E)
-    v = qkv[..., (H + K) * E:].reshape(B, L, K, E)
-  else:
-    q = jnp.einsum("bld,dhe->blhe", h, p["wq"].astype(dt))
-    k = jnp.einsum("bld,dke->blke", h, p["wk"].astype(dt))
-    v = jnp.einsum("bld,dke->blke", h, p["wv"].astype(dt))
+  q, k, v = backends.project(h, w["qkv"], prepared.get("qkv"))
   if cfg.qkv_bias:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   q = apply_rope(q, positions_BxL, inv_freq)
@@ -361,25 +335,16 @@ def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv
     v_all = write_cache_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index_B)
     new_cache = {"k": k_all, "v": v_all}
   attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), mask_BxLxS)
-  D, F = cfg.dim, cfg.mlp_dim
-  if kernel:
-    x = x_BxLxD + cpu_kernels.matmul(attn.reshape(B, L, H * E), packed["wo"], D)
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate_up = cpu_kernels.matmul(h, packed["gate_up"], 2 * F)
-    x = x + cpu_kernels.matmul(jax.nn.silu(gate_up[..., :F]) * gate_up[..., F:], packed["down"], D)
-    return x, new_cache
-  # As one [B*L, H*E] x [H*E, D] matmul: the two-axis einsum made XLA-CPU copy a transposed wo each step.
-  wo = p["wo"].astype(dt)
-  x = x_BxLxD + jnp.dot(attn.reshape(B, L, -1), wo.reshape(-1, wo.shape[-1]))
+  (o,) = backends.project(attn.reshape(B, L, -1), w["wo"], prepared.get("wo"))
+  x = x_BxLxD + o
   h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-  gate = jnp.einsum("bld,df->blf", h, p["w_gate"].astype(dt))
-  up = jnp.einsum("bld,df->blf", h, p["w_up"].astype(dt))
-  x = x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
-  return x, new_cache
+  gate, up = backends.project(h, w["gate_up"], prepared.get("gate_up"))
+  (down,) = backends.project(jax.nn.silu(gate) * up, w["down"], prepared.get("down"))
+  return x + down, new_cache
 
 
 def forward(cfg: ModelConfig, base: Params, tokens_BxL, positions_BxL, mask, cache: Cache | None = None,
-            *, logits: bool = True, packed: Params | None = None):
+            *, logits: bool = True, prepared: Params | None = None):
   """One forward over L new tokens.
 
   Args:
@@ -392,7 +357,8 @@ def forward(cfg: ModelConfig, base: Params, tokens_BxL, positions_BxL, mask, cac
     cache: KV cache from ``init_cache`` or None (training). ``index`` is left unchanged: the caller
       decides how many of the written rows become part of the sequence (see ``advance``).
     logits: also compute the [B, L, V] logits (prefill skips them and projects only what it needs).
-    packed: ``pack_weights(cfg, base)`` or None; few-row projections then use the CPU kernel.
+    prepared: a backend's copy of ``projections(cfg, base)`` (``backends.prepare``) or None; the
+      projections it takes (the CPU kernel: calls of few rows) then run there.
 
   Returns:
     (logits [B, L, V] float32 or None, final hidden state [B, L, D] after the final norm, new cache).
@@ -404,10 +370,10 @@ def forward(cfg: ModelConfig, base: Params, tokens_BxL, positions_BxL, mask, cac
   for i in range(cfg.num_layers):
     layer_cache = None if cache is None else cache["layers"][i]
     x, lc = _layer(cfg, base[f"layers_{i}"], x, positions_BxL, mask, layer_cache, index_B, inv_freq,
-                   None if packed is None else packed["layers"][i])
+                   None if prepared is None else prepared["layers"][i])
     new_layers.append(lc)
   hidden = rms_norm(x, base["final_norm"], cfg.norm_eps)
-  out_logits = project_logits(cfg, base, hidden, packed) if logits else None
+  out_logits = project_logits(cfg, base, hidden, prepared) if logits else None
   new_cache = None if cache is None else {"layers": new_layers, "index": cache["index"]}
   return out_logits, hidden, new_cache
 

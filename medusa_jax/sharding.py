@@ -416,10 +416,10 @@ class DecodePlacement:
 
   def decode_params(self, dp):
     """Shardings of a ``decode.DecodeParams``: the params by their logical axes; the heads'
-    loop-invariant weights (a [V', D] projection at most, small) replicated. No CPU-kernel copy
-    exists on a mesh (``model.pack_weights`` makes none for sharded params)."""
+    loop-invariant weights (a [V', D] projection at most, small) replicated. No projection backend's
+    copy exists on a mesh (``decode.Decoder.prepare`` makes none with a placement)."""
     rep = jax.tree.map(lambda _: self.replicated, dp.heads)
-    return dp.replace(params=self.params(dp.params), packed=None, heads=rep)
+    return dp.replace(params=self.params(dp.params), prepared=None, heads=rep)
 
   def batch(self, shape) -> NamedSharding:
     """Sharding of a per-sequence array of ``shape`` ([B] or [B, ...])."""

@@ -17,6 +17,8 @@ Fixtures
     A real chat prompt built with the tokenizer's chat template.
 ``tiny_chat_dir``
     A tiny random Llama with SmolLM2's vocabulary and tokenizer, as an HF directory.
+``projection_backend`` -> 'xla' | 'cpu_kernel'
+    Runs a test once per projection backend (``medusa_jax.backends``); see the fixture.
 
 Training (tests/test_train.py and tests/test_faults.py)
 -------------------------------------------------------
@@ -131,6 +133,27 @@ def tiny_chat_dir(tiny_llama_dir, tmp_path_factory):
   shutil.copytree(src, path)
   bundled.smollm2_tokenizer().save_pretrained(path)
   return path
+
+
+@pytest.fixture(params=["xla", "cpu_kernel"])
+def projection_backend(request, monkeypatch):
+  """The projection backend a test's decoders use: ``xla``, XLA's dots alone, or ``cpu_kernel``, the
+  CPU decode kernel taking every projection of up to 128 rows, whatever crossover this machine
+  measured (skipped where it is not used: no C++ compiler, not one CPU device, turned off).
+
+  The decoding equivalence tests run under both: what they pin must not depend on which backend
+  computed the projections. ``Decoder.prepare`` picks the backend, so a test under this fixture
+  makes (and prepares) its decoders itself, and only float32 models reach the kernel.
+  """
+  from medusa_jax.backends.cpu import kernel  # pylint: disable=g-import-not-at-top
+  if request.param == "xla":
+    monkeypatch.setenv(kernel.ENV, "0")
+  elif not kernel.enabled():
+    pytest.skip("the CPU decode kernel is not used here: not one CPU device, turned off, or it did not build "
+                "(see the warning logged)")
+  else:
+    monkeypatch.setenv(kernel.ROWS_ENV, str(max(kernel.TUNE_ROWS)))
+  return request.param
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,11 +52,22 @@ def test_greedy_matches_transformers_tiny(tiny_llama_dir, tiny, greedy16):
     assert ours == _hf_greedy(hf, prompt, 16, [NO_EOS])
 
 
-def test_greedy_matches_transformers_smollm2(smollm2, smollm2_hf, smollm2_chat_prompt):
+SMOLLM2_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf_greedy(smollm2, smollm2_hf, smollm2_chat_prompt):
+  """transformers' greedy continuation of the chat prompt, once for every projection backend."""
+  return _hf_greedy(smollm2_hf, smollm2_chat_prompt, SMOLLM2_NEW, list(smollm2[0].eos_ids))
+
+
+def test_greedy_matches_transformers_smollm2(smollm2, smollm2_chat_prompt, smollm2_hf_greedy, projection_backend):
   cfg, params, tok = smollm2
-  n = 32
-  ours, state = decode.Decoder(cfg, decode.Sampling(max_new_tokens=n)).generate(params, [smollm2_chat_prompt])
-  ref = _hf_greedy(smollm2_hf, smollm2_chat_prompt, n, list(cfg.eos_ids))
+  n, ref = SMOLLM2_NEW, smollm2_hf_greedy
+  dec = decode.Decoder(cfg, decode.Sampling(max_new_tokens=n))
+  dp = dec.prepare(params)
+  assert (dp.prepared is not None) == (projection_backend == "cpu_kernel")
+  ours, state = dec.generate(dp, [smollm2_chat_prompt])
   assert ours[0] == ref, (tok.decode(ours[0]), tok.decode(ref))
   assert len(ref) == n  # a story prompt: the comparison covers all 32 tokens, not an early EOS
   assert int(state.steps) == n - 1

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medusa_jax import cpu_kernels
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
 from medusa_jax import medusa
@@ -260,17 +259,23 @@ def test_stream_matches_generate():
   assert max(len(c[b]) for c in chunks for b in range(len(PROMPTS))) > 1  # multi-token chunks
 
 
-def test_greedy_medusa_equals_greedy_smollm2(smollm2):
-  """The real backbone, fp32, zero-initialised shared heads (each guesses a repeat of its input)."""
+def test_greedy_medusa_equals_greedy_smollm2(smollm2, projection_backend):
+  """The real backbone, fp32, zero-initialised shared heads (each guesses a repeat of its input);
+  with XLA's dots, and with the CPU kernel on the backbone's and the heads' projections."""
   cfg, params, tok = smollm2
   hcfg = HeadsConfig(num_heads=3, num_layers=1, shared_lm_head=True)
   params = {**params, "medusa": heads_lib.init_params(hcfg, cfg)}
   prompts = [tok.encode(t, add_special_tokens=False) for t in
              ("The capital of France is", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,")]
   sampling = decode.Sampling(max_new_tokens=32)
-  want, vstate = medusa.make_decoder(cfg, sampling).generate(params, prompts)
+  vanilla = medusa.make_decoder(cfg, sampling)
+  dp = vanilla.prepare(params)
+  want, vstate = vanilla.generate(dp, prompts)
   tree = tree_lib.resolve("chain:3", num_heads=3)
-  got, mstate = medusa.make_decoder(cfg, sampling, medusa.MedusaSpec(hcfg, tree)).generate(params, prompts)
+  dec = medusa.make_decoder(cfg, sampling, medusa.MedusaSpec(hcfg, tree))
+  mdp = dec.prepare(dp)
+  assert (mdp.prepared is not None) == ("proj" in mdp.heads) == (projection_backend == "cpu_kernel")
+  got, mstate = dec.generate(mdp, prompts)
   assert got == want
   assert int(mstate.steps) < int(vstate.steps)
 
@@ -279,10 +284,10 @@ def test_greedy_medusa_equals_greedy_smollm2(smollm2):
                                                          (False, 24, True, False), (False, 0, True, False),
                                                          (True, 24, False, False), (True, 24, True, True),
                                                          (False, 0, False, True)])
-def test_head_candidates_match_subset_logits(tie, draft_vocab, shared, nxt):
+def test_head_candidates_match_subset_logits(tie, draft_vocab, shared, nxt, projection_backend):
   """head_candidates' vocabulary-major projection picks what top-k of heads.subset_logits picks,
-  with the projection gathered on the fly or once (heads.decoding_weights); heads that read the next
-  token read the one given."""
+  with the projection gathered on the fly or once (heads.decoding_weights), and then through the
+  backend; heads that read the next token read the one given."""
   cfg = TINY.replace(tie_embeddings=tie)
   base = _scaled_params(cfg, 3, 20.0)
   hcfg = HeadsConfig(num_heads=3, shared_lm_head=shared, draft_vocab=draft_vocab, next_token_input=nxt)
@@ -304,8 +309,9 @@ def test_head_candidates_match_subset_logits(tie, draft_vocab, shared, nxt):
   want = jnp.concatenate([jax.lax.top_k(sub[:, m], k)[1] for m, k in enumerate(spec.tree.segment_topk)], -1)
   if draft_vocab:
     want = med["vocab_ids"][want]
-  for weights in (None, heads_lib.decoding_weights(hcfg, cfg, params),
-                  heads_lib.decoding_weights(hcfg, cfg, params, kernel=cpu_kernels.enabled())):
+  prepared = heads_lib.decoding_weights(hcfg, cfg, params, backend=True)
+  assert ("proj" in prepared) == ("proj_VxD" in prepared and projection_backend == "cpu_kernel")
+  for weights in (None, prepared):
     np.testing.assert_array_equal(np.asarray(medusa.head_candidates(spec, cfg, params, hidden[:, 0], next_B, weights)),
                                   np.asarray(want))
   if nxt:  # the next token matters

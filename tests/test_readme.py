@@ -87,12 +87,14 @@ def test_relative_links_resolve(doc):
 
 
 def test_layout_lists_every_module():
-  """The README's Layout block names each module of the package, and only modules that exist."""
+  """The README's Layout block names each module of the package and its subpackages, and only modules
+  that exist."""
   text = _read(README)
   m = re.search(r"^## Layout\n.*?^```\n(.*?)^```", text, re.S | re.M)
   assert m, "README.md has no Layout block"
   listed = set(re.findall(r"\b(\w+)\.py\b", m.group(1)))
-  package = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "medusa_jax", "*.py"))} - {"__init__"}
+  modules = glob.glob(os.path.join(REPO, "medusa_jax", "**", "*.py"), recursive=True)
+  package = {os.path.basename(p)[:-3] for p in modules} - {"__init__", "__main__"}
   experiments = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "experiments", "*.py"))}
   assert not package - listed, f"modules missing from the README's Layout: {sorted(package - listed)}"
   assert not listed - package - experiments, f"listed but absent: {sorted(listed - package - experiments)}"

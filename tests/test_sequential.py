@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from medusa_jax import convert
-from medusa_jax import cpu_kernels
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
 from medusa_jax import medusa
@@ -82,7 +81,7 @@ def _loop_draft(spec, cfg, params, hidden_D, root):
 
 
 @pytest.mark.parametrize("tree_name,draft_vocab", [(tm.MC, 0), ("dense:2,3", 24)])
-def test_level_draft_equals_a_loop_over_nodes(tree_name, draft_vocab):
+def test_level_draft_equals_a_loop_over_nodes(tree_name, draft_vocab, projection_backend):
   cfg = tm.TINY
   hcfg = HeadsConfig(num_heads=4, num_layers=2, shared_lm_head=True, draft_vocab=draft_vocab, kind="sequential")
   base = tm._scaled_params(cfg, 3, 20.0)  # pylint: disable=protected-access
@@ -96,7 +95,8 @@ def test_level_draft_equals_a_loop_over_nodes(tree_name, draft_vocab):
   spec = _spec(tree_name, heads=hcfg, vocab=draft_vocab or cfg.vocab_size)
   hidden_BxD = jax.random.normal(jax.random.PRNGKey(6), (2, cfg.dim))
   root_B = jnp.array([3, 7], jnp.int32)
-  weights = heads_lib.decoding_weights(hcfg, cfg, params, kernel=cpu_kernels.enabled())
+  weights = heads_lib.decoding_weights(hcfg, cfg, params, backend=True)
+  assert ("proj" in weights) == ("proj_VxD" in weights and projection_backend == "cpu_kernel")
   got = np.asarray(jax.jit(lambda p, h, r: medusa.draft_levels(spec, cfg, p, h, r, weights))(params, hidden_BxD, root_B))
   for b in range(2):
     assert got[b].tolist() == _loop_draft(spec, cfg, params, hidden_BxD[b], root_B[b])

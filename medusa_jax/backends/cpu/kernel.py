@@ -4,7 +4,7 @@ A decode step multiplies a few rows (one token per sequence, or a Medusa tree's 
 weight matrix. On a CPU that is bound by how fast the weights stream from memory up to the ridge
 (about 10 rows on a 2-core Zen 4), and by the FMA units past it. XLA-CPU streams the weights well
 for one row (a matrix-vector product) but switches to a GEMM kernel from two rows on, which
-re-packs them on every call. ``csrc/cpu_matmul.cc`` reads weights stored as contiguous 32-column
+re-packs them on every call. ``cpu_matmul.cc`` reads weights stored as contiguous 32-column
 panels (``pack``) once per call whatever the row count, with register-blocked row tiles of up to
 12 rows that keep the FMA units busy past the ridge (its header says how).
 
@@ -13,7 +13,7 @@ XLA's dot at every row count up to 128; on a 2-core Intel Xeon (AVX-512 and AMX)
 8-row kernel tied at 1 row and lost from 16 rows on. So the crossover is *measured* (``tune``), on
 the machine that runs it, by timing one decode step's projections of SmolLM2's shapes with both at
 row counts 1..128, and cached beside the compiled library. ``make setup`` does this (``python -m
-medusa_jax.cpu_kernels``); otherwise the first decoder that packs weights does (``max_rows``, about
+medusa_jax.backends.cpu``); otherwise the first decoder that packs weights does (``max_rows``, about
 half a minute, once per machine). ``--bench`` measures again and prints the roofline: per row
 count and path, ms, GB/s, GFLOP/s and the fraction of the bound max(bytes / bandwidth, flops /
 peak), the bandwidth being one pass over the weights at 1 row (best path) and the peak a
@@ -26,8 +26,9 @@ rows on, but was slower below (1.4x at one row); both need an OpenMP runtime, wh
 other work shares the cores.
 
 This module imports nothing from the package but ``hardware`` (a leaf: the CPU's name in the tuning
-record). The model owns the packed layout (which matrices are packed, fused how:
-``model.pack_weights``) and calls ``use_kernel`` / ``matmul`` here.
+record). ``backends.cpu`` makes it a projection backend: it packs the projection groups the model
+defines (which matrices, fused how: ``model.projections``) with ``pack`` and sends the calls it takes
+to ``matmul``.
 
 Settings (environment):
   * ``MEDUSA_JAX_CPU_KERNELS=0`` turns the kernel off (XLA's own dots, e.g. for an A/B benchmark).
@@ -68,7 +69,7 @@ ROWS_ENV = "MEDUSA_JAX_KERNEL_MAX_ROWS"
 # Row counts the crossover is measured at: one token, small trees, batched decoding (distillation
 # runs at 32 rows), up to a 128-row call.
 TUNE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-_SRC = os.path.join(os.path.dirname(__file__), "csrc", "cpu_matmul.cc")
+_SRC = os.path.join(os.path.dirname(__file__), "cpu_matmul.cc")
 # -ffp-contract=fast: the portable (non-AVX-512) build's updates become FMAs too, the same for every
 # row block, as the AVX-512 build's intrinsics are.
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -99,7 +100,7 @@ def _machine_dir(cxx: str) -> str:
 
 
 def build(force: bool = False) -> str:
-  """Compiles ``csrc/cpu_matmul.cc`` for this machine (``-march=native``); returns the library path.
+  """Compiles ``cpu_matmul.cc`` for this machine (``-march=native``); returns the library path.
 
   The library is cached by a hash of the source, the compiler, jaxlib and the machine, and written
   atomically, so concurrent first uses (test workers) do not see a half-written file.
@@ -165,13 +166,6 @@ def matmul(x, packed, out_features: int):
   if NP * PANEL != out_features:
     y = y[:, :out_features]
   return y.reshape(*lead, out_features)
-
-
-def use_kernel(x, packed) -> bool:
-  """Whether the projection of ``x`` (rows = all but its last axis) by the packed matrix ``packed``
-  (None: not packed) goes through the kernel: float32, and no more rows than measured to win."""
-  return (packed is not None and x.dtype == jnp.float32
-          and int(np.prod(x.shape[:-1])) <= max_rows())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +304,7 @@ def tuning() -> dict:
   record = _tuned()
   if record is None:
     log.warning("Measuring where the CPU decode kernel beats XLA's dot on this machine (once; "
-                "`python -m medusa_jax.cpu_kernels` does it ahead of time) ...")
+                "`python -m medusa_jax.backends.cpu` does it ahead of time) ...")
     record = tune(peak=False)
     log.warning("CPU decode kernel: used for projections of up to %d rows here.", record["max_rows"])
   return record
@@ -325,7 +319,7 @@ def max_rows() -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# python -m medusa_jax.cpu_kernels [--bench] [--tune]
+# python -m medusa_jax.backends.cpu [--bench] [--tune] (__main__.py)
 # ----------------------------------------------------------------------------------------------
 
 def roofline(rows, times_ms: dict, peak_ms: dict | None = None, peak_rows: int = PEAK_ROWS) -> dict:
@@ -399,8 +393,8 @@ def report(record: dict) -> str:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(
-      prog="python -m medusa_jax.cpu_kernels",
-      description="Build the CPU decode kernel (csrc/cpu_matmul.cc) for this machine and measure up to "
+      prog="python -m medusa_jax.backends.cpu",
+      description="Build the CPU decode kernel (cpu_matmul.cc) for this machine and measure up to "
                   "how many rows it beats XLA's own dot (cached; decoders dispatch on it).")
   ap.add_argument("--force", action="store_true", help="rebuild the library and measure again")
   ap.add_argument("--tune", action="store_true", help="measure the crossover again")
@@ -417,7 +411,3 @@ def main(argv=None):
   if record is None or args.tune or args.force or args.bench:
     record = tune(tuple(int(r) for r in args.rows.split(",")), args.repeats)
   print(report(record))
-
-
-if __name__ == "__main__":
-  main()
