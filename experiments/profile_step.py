@@ -8,8 +8,11 @@ work replaced by a near-free stand-in of the same shape, so its cost is the drop
 the weight projections (the CPU kernel or XLA's dot), attention over the cache, the cache writes,
 the norms / RoPE / SiLU, the heads' draft, and (Medusa) acceptance, commit and emission. What is
 left after all of them is the cost of everything else in the program (XLA's op boundaries, copies,
-the rest of the loop state). Steps alternate within each round so that machine noise hits all
-alike; medians of ``--runs`` rounds. Prints one table (ms) and writes JSON with ``--out``.
+the rest of the loop state). Every ablated step's program must differ from the whole step's, so a
+stand-in that does not reach the traced step stops the run instead of timing noise as a cost.
+Components are measured one at a time: removing one can change what XLA fuses around it, so they
+need not add up exactly. Steps alternate within each round so that machine noise hits all alike;
+medians of ``--runs`` rounds. Prints one table (ms) and writes JSON with ``--out``.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def main(argv=None):
   modes = [("vanilla", None)] + [(f"medusa {t.num_nodes} nodes", medusa.MedusaSpec(heads=hcfg, tree=t)) for t in trees]
 
   shared = loaded.params
-  programs = {}
+  programs, hlo = {}, {}
   for ab in ABLATIONS:
     for label, spec in modes:
       if spec is None and ab in ("heads draft", "accept, commit, emit"):
@@ -121,8 +124,13 @@ def main(argv=None):
       state = dec.start(dp, [prompt])
       with ablate(ab):
         step = jax.jit(dec.step, donate_argnums=(1,))
+        hlo[ab, label] = step.lower(dp, state).as_text()
         state = jax.block_until_ready(step(dp, state))  # traced and compiled under the ablation
       programs[ab, label] = [step, dp, state]
+  # A stand-in that never reached the traced step would time noise as a cost: refuse it.
+  unchanged = [k for k in hlo if k[0] != "none" and hlo[k] == hlo["none", k[1]]]
+  if unchanged:
+    raise SystemExit(f"these ablations left the step's program unchanged (a stand-in did not reach it): {unchanged}")
   times = {k: [] for k in programs}
   for _ in range(args.runs):
     for k, prog in programs.items():

@@ -202,6 +202,9 @@ def main(argv):
   # Our own progress lines stay on (quiet_jax_logs lowers absl's verbosity for the libraries).
   logging.getLogger("medusa_jax").setLevel(logging.INFO)
   config = cli.config()
+  if config.data.source != "distilled":
+    print(f"data.source is {config.data.source!r}: this recipe trains on ShareGPT's own replies, nothing to distil.")
+    return
   loaded = runtime.load(config)
   out_dir = flags.FLAGS.workdir or default_workdir(config)
   name = distill(config, loaded, out_dir)

@@ -162,3 +162,10 @@ def test_console_scripts_are_installed_and_answer_help(script):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr
   assert "--config" in proc.stdout, proc.stdout
+
+
+def test_distill_says_a_teacher_forced_recipe_needs_no_distillation():
+  """`make demo` calls distill for any config; the soft-label recipe reads ShareGPT's own replies."""
+  rc, out, err = _run("medusa_jax.distill", "--config", "configs/smollm2_medusa1.py:soft,tiny")
+  assert rc == 0, err
+  assert "nothing to distil" in out and "Traceback" not in err

@@ -1,4 +1,4 @@
-// y[M, NP*32] = x[M, D] @ W, with W packed as NP column panels [NP, D, 32] (see cpu_kernels.pack).
+// y[M, NP*32] = x[M, D] @ W, with W packed as NP column panels [NP, D, 32] (see kernel.pack in this directory).
 //
 // Decoding on a CPU multiplies a few rows (one token, or a Medusa tree's nodes) by every weight
 // matrix once per step. Up to about 10 rows (2-core Zen 4: ~230 GFLOP/s against ~35-45 GB/s) that
