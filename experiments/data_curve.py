@@ -108,8 +108,7 @@ def data_seconds(config, loaded, arm: str, budget: int):
     name = train_data.dataset_name(config)
     d = hidden_cache.cache_dir(loaded.cfg, loaded.params["base"], config.data.data_dir, name, "train",
                                int(config.train.seq_len), config.train.cache_dtype)
-    src, _ = train_data.sources(config, loaded.tokenizer)
-    return hidden_cache.build_seconds(d, len(src))
+    return hidden_cache.build_seconds(d, budget)  # the shards' own records: no second pass over the data
   # Self-distilled: the generation ran before this script (medusa_jax.distill prints its rate);
   # it is not re-timed here.
   return None

@@ -195,15 +195,17 @@ def for_split(cfg, base, source, seq_len: int, data_dir: str, dataset: str, spli
   return HiddenCache([_load(p) for p in paths], offsets)
 
 
-def build_seconds(directory: str, num_examples: int) -> float | None:
-  """Wall seconds the shards covering the first ``num_examples`` examples took to build (None if
-  a shard's record is missing)."""
-  total = 0.0
-  for name in sorted(os.listdir(directory)):
-    if name.endswith(".npy") and int(name.split("_")[0]) < num_examples:
-      record = os.path.join(directory, name[:-4] + ".json")
-      if not os.path.exists(record):
-        return None
-      with open(record) as f:
-        total += json.load(f)["seconds"]
+def build_seconds(directory: str, num_tokens: int) -> float | None:
+  """Wall seconds the shards holding the first ``num_tokens`` tokens took to build, from their
+  records (None if a shard's record is missing)."""
+  total, tokens = 0.0, 0
+  for name in sorted(f for f in os.listdir(directory) if f.endswith(".npy")):
+    if tokens >= num_tokens:
+      break
+    record = os.path.join(directory, name[:-4] + ".json")
+    if not os.path.exists(record):
+      return None
+    with open(record) as f:
+      r = json.load(f)
+    total, tokens = total + r["seconds"], tokens + r["tokens"]
   return total
