@@ -7,8 +7,8 @@ consumes it: its ``train.trainable`` rules cover every parameter, its optimizer 
 rates, its tree fits its heads — checked on abstract shapes (``jax.eval_shape``, no memory).
 """
 
-import ast
 import glob
+import inspect
 import os
 import re
 
@@ -33,8 +33,13 @@ CONFIG_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(R
 
 
 def _docstring(path: str) -> str:
+  """The module docstring, from the compiled code object: ``ast.parse`` on CPython 3.11.7 can raise a
+  spurious SystemError ("AST constructor recursion depth mismatch") when a finalizer or another thread
+  runs while it builds the tree."""
   with open(os.path.join(REPO, path)) as f:
-    return ast.get_docstring(ast.parse(f.read())) or ""
+    code = compile(f.read(), path, "exec")
+  doc = code.co_consts[0] if code.co_consts and isinstance(code.co_consts[0], str) else ""
+  return inspect.cleandoc(doc)
 
 
 def _variants(path: str) -> list[str]:
