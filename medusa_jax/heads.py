@@ -204,13 +204,15 @@ def prefix_decode(cfg: ModelConfig, params, hidden_BxLxD, cache: dict):
   return model_lib.decoder_layer(cfg, params["medusa"]["prefix"], hidden_BxLxD, positions_BxL, mask_BxLxS, cache)
 
 
-def head_states(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=None, first_head: int = 0):
+def head_states(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=None, first_head: int = 0,
+                blocks=None):
   """The residual stacks: [B, L, D] -> [B, L, M, D].
 
   ``path`` holds the tokens after each position, t+1, t+2, ... ([B, L, K], or [B, L] for just
   t+1): heads with ``next_token_input`` read t+1, sequential head m reads t+1 .. t+m. Ignored by
   the paper's heads. ``first_head``: the 0-based index of the first head in ``params['medusa']``
   (a slice of the heads, e.g. one head of a level-by-level draft, still reads its own path length).
+  ``blocks``: the same weights split per head (``split_blocks``, a decoder's loop-invariant copy).
   """
   dt = cfg.compute_dtype
   medusa = params["medusa"]
@@ -228,16 +230,40 @@ def head_states(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=
                          medusa["path_w"][m, :first_head + m + 1].astype(dt)) for m in range(M)]
       x = x + jnp.stack(adds, axis=2)
     if hcfg.next_token_input:
-      x = x + jnp.einsum("bld,mde->blme", emb[:, :, 0], medusa["tok_w"].astype(dt))
+      x = x + _heads_dot(emb[:, :, None, 0], medusa["tok_w"], blocks and blocks["tok_w"], first_head, dt)
   for j in range(hcfg.num_layers):
-    y = jnp.einsum("blmd,mde->blme", x, medusa["w"][:, j].astype(dt)) + medusa["b"][:, j].astype(dt)
-    x = x + jax.nn.silu(y)
+    y = _heads_dot(x, medusa["w"][:, j], blocks and [w[j] for w in blocks["w"]], first_head, dt)
+    x = x + jax.nn.silu(y + medusa["b"][:, j].astype(dt))
   return x
 
 
-def subset_logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=None, first_head: int = 0):
+def _heads_dot(x_BxLxMxD, w_MxDxE, split, first_head: int, dt):
+  """[B, L, M (or 1, shared), D] x head m's [D, E] -> [B, L, M, E]; with ``split`` (the heads'
+  weights one array each, ``split_blocks``) one dot per head, reading each weight where it lies."""
+  M = w_MxDxE.shape[0]
+  if split is None:
+    x = jnp.broadcast_to(x_BxLxMxD, x_BxLxMxD.shape[:2] + (M, x_BxLxMxD.shape[-1]))
+    return jnp.einsum("blmd,mde->blme", x, w_MxDxE.astype(dt))
+  shared = x_BxLxMxD.shape[2] == 1
+  return jnp.stack([x_BxLxMxD[:, :, 0 if shared else m] @ split[first_head + m].astype(dt) for m in range(M)],
+                   axis=2)
+
+
+def split_blocks(hcfg: HeadsConfig, medusa) -> dict:
+  """The heads' [D, D] weights as one array per head (and block): what ``head_states`` reads when
+  decoding. Slicing a head out of the stacked weights inside a decode step made XLA-CPU copy each
+  slice on every step (its dot reads whole buffers); a decoder splits them once, when it prepares."""
+  M = medusa["w"].shape[0]
+  out = {"w": [[medusa["w"][m, j] for j in range(hcfg.num_layers)] for m in range(M)], "tok_w": None}
+  if hcfg.next_token_input:
+    out["tok_w"] = [medusa["tok_w"][m] for m in range(M)]
+  return out
+
+
+def subset_logits(hcfg: HeadsConfig, cfg: ModelConfig, params, hidden_BxLxD, path=None, first_head: int = 0,
+                  blocks=None):
   """Head logits over the draft vocabulary [B, L, M, V'] (V' = V without one), float32."""
-  x = head_states(hcfg, cfg, params, hidden_BxLxD, path, first_head)
+  x = head_states(hcfg, cfg, params, hidden_BxLxD, path, first_head, blocks)
   dt = cfg.compute_dtype
   acc = jnp.promote_types(dt, jnp.float32)
   if hcfg.draft_vocab:
@@ -277,14 +303,16 @@ def _projections(cfg: ModelConfig, weights) -> dict:
 
 def decoding_weights(hcfg: HeadsConfig, cfg: ModelConfig, params, backend: bool = False) -> dict:
   """Loop-invariant weights a decoder computes once per set of params (``decode.Decoder.prepare``),
-  kept beside the params pytree, never in it: ``proj_VxD``, the heads' shared projection
+  kept beside the params pytree, never in it: ``blocks``, the heads' [D, D] weights one array per
+  head (``split_blocks``); ``proj_VxD``, the heads' shared projection
   (``shared_weight_VxD``), when there is one; with ``backend`` (a projection backend serves the
   backbone) also ``proj``, the backend's copy of it (``backends.prepare``). Gathering the draft rows
   inside the decode loop copied (and transposed) the whole LM head on every step."""
+  out = {"blocks": split_blocks(hcfg, params["medusa"])}
   w = shared_weight_VxD(hcfg, cfg, params)
   if w is None:
-    return {}
-  out = {"proj_VxD": w}
+    return out
+  out["proj_VxD"] = w
   if backend:
     out.update(backends.prepare(_projections, cfg, out) or {})
   return out

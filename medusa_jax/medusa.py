@@ -109,10 +109,11 @@ def _head_logits(hcfg, cfg: ModelConfig, params, hidden_BxLxD, path, first_head:
   proj_VxD = weights.get("proj_VxD")
   if proj_VxD is None:
     proj_VxD = heads_lib.shared_weight_VxD(hcfg, cfg, params)
+  blocks = weights.get("blocks")
   if proj_VxD is None:
-    return heads_lib.subset_logits(hcfg, cfg, params, hidden_BxLxD, path, first_head)
+    return heads_lib.subset_logits(hcfg, cfg, params, hidden_BxLxD, path, first_head, blocks)
   dt = cfg.compute_dtype
-  x_BxLxMxD = heads_lib.head_states(hcfg, cfg, params, hidden_BxLxD, path, first_head)
+  x_BxLxMxD = heads_lib.head_states(hcfg, cfg, params, hidden_BxLxD, path, first_head, blocks)
   if backends.takes(x_BxLxMxD, weights.get("proj")):  # one read of the projection for every head's row
     return backends.project(x_BxLxMxD, (proj_VxD.T,), weights["proj"])[0]
   # One [V', D] projection shared by the heads: computed vocabulary-major (the weight as the left
