@@ -67,6 +67,12 @@ def test_a_rerun_skips_measured_points(tmp_path, tree_file, monkeypatch):
   assert calls == []
   ablate.main([*args[:-4], "--batches", "1,2,4", "--tree", tree_file, "--out", str(tmp_path)])
   assert len(calls) == 1  # only the new point
+  # The table's throughput is the batch's own (benchmark.summarize counts every sequence already).
+  with open(tmp_path / "batch" / "results.json") as f:
+    points = json.load(f)["points"]
+  with open(tmp_path / "batch" / "table.md") as f:
+    lines = [line for line in f if line.startswith("| 4 |")]
+  assert float(lines[0].strip(" |\n").split("|")[-1]) == pytest.approx(points["batch 4"]["vanilla_tok_per_s"], rel=5e-3)
 
 
 def test_accelerator_check_runs_on_the_cpu(capsys):
@@ -76,3 +82,11 @@ def test_accelerator_check_runs_on_the_cpu(capsys):
   assert [r["batch"] for r in rows[:2]] == [1, 2] and all(r["identical"] == 1.0 for r in rows[:2])
   assert rows[-1]["what"].startswith("train step") and rows[-1]["loss finite"]
   assert "| what |" in capsys.readouterr().out
+
+
+def test_throughput_counts_every_sequence_of_a_batch():
+  """A batch of 2 decoded in 1 s, 10 and 6 tokens (the first of each from prefill): 14 decoded tokens
+  per second, the batch's throughput; the batch study's table prints it as is."""
+  rows = [{"question_id": i, "tokens": list(range(n)), "steps": 9, "decode_seconds": 0.5, "prefill_seconds": 0.1}
+          for i, n in enumerate((10, 6))]
+  assert benchmark.summarize(rows)["tok_per_s"] == pytest.approx(14.0)
