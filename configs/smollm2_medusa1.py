@@ -62,7 +62,7 @@ def soft(c):
   experiments/data_curve.py measures the budgets."""
   c.data.source = "sharegpt"
   c.data.max_examples = 24000  # ~8.7M tokens at 384 (ShareGPT examples average ~364 here)
-  # 0.5M tokens: make demo's budget (with :prefix, ~35 minutes end to end on a 2-core Intel Xeon).
+  # 0.5M tokens: make demo's budget (with :prefix, 27-28 minutes end to end on a 2-core Intel Xeon).
   # The data curve (docs/data_curve/table.md) still rises at 1M: head 1's top-1 0.338 -> 0.378 and
   # simulated tokens/step at 16 nodes 1.77 -> 1.85 with the prefix layer, but 1M takes the demo
   # past 45 minutes there; :full takes the whole dataset.
@@ -78,8 +78,9 @@ def prefix(c):
 
 def full(c):
   """``:soft`` on the whole rendered dataset (~8.7M tokens; the curve still rose at the largest
-  budget measured), for people with time: about 3 hours of hidden-state pass and 2 of training on a
-  2-core Intel Xeon. The cache and the training resume across runs: rerun the same command."""
+  budget measured), for people with time: at a 2-core Intel Xeon's rates (~840 tok/s for the
+  hidden states, ~3 s for a training step of 8 x 384 tokens), about 3 hours of hidden states and
+  2.5 of training. The cache and the training resume across runs: rerun the same command."""
   soft(c)
   c.data.max_tokens = 0
 

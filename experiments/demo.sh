@@ -2,8 +2,9 @@
 # `make demo`: the whole Medusa-1 pipeline on the embedded default (SmolLM2-135M-Instruct + ShareGPT):
 # data -> train heads -> calibrate a tree -> benchmark on MT-Bench and on held-out ShareGPT.
 # The default recipe (docs/data_curve/table.md chose it) trains heads that read a prefix-attention
-# layer on 0.5M tokens of ShareGPT's own replies with the backbone's soft labels: no generation. CONFIG=configs/smollm2_medusa1.py WORK=runs/smollm2_medusa1
-# runs the self-distilled recipe instead (its first stage generates the replies; ~70 min on an Intel Xeon).
+# layer on 0.5M tokens of ShareGPT's own replies with the backbone's soft labels: no generation.
+# CONFIG=configs/smollm2_medusa1.py WORK=runs/smollm2_medusa1 runs the self-distilled recipe instead
+# (its first stage generates the replies; 68 min end to end on an Intel Xeon, docs/results.md).
 # Each step resumes or reuses its output when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."

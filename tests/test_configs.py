@@ -17,6 +17,7 @@ import jax
 import pytest
 from ml_collections import config_flags
 
+from medusa_jax import config as config_lib
 from medusa_jax import convert
 from medusa_jax import decode
 from medusa_jax import heads as heads_lib
@@ -33,13 +34,9 @@ CONFIG_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(R
 
 
 def _docstring(path: str) -> str:
-  """The module docstring, from the compiled code object: ``ast.parse`` on CPython 3.11.7 can raise a
-  spurious SystemError ("AST constructor recursion depth mismatch") when a finalizer or another thread
-  runs while it builds the tree."""
-  with open(os.path.join(REPO, path)) as f:
-    code = compile(f.read(), path, "exec")
-  doc = code.co_consts[0] if code.co_consts and isinstance(code.co_consts[0], str) else ""
-  return inspect.cleandoc(doc)
+  """The config module's docstring, from the module loaded by path as configs load each other
+  (``ast.parse`` raised a spurious SystemError on CPython 3.11.7 when a finalizer ran mid-parse)."""
+  return inspect.cleandoc(config_lib.sibling_config(os.path.join(REPO, path), os.path.basename(path)).__doc__ or "")
 
 
 def _variants(path: str) -> list[str]:
