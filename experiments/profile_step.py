@@ -59,7 +59,7 @@ def ablate(name: str):
 
     patch(model.jnp, "einsum", einsum)
   elif name == "attention":
-    patch(model, "_attention", lambda cfg, q, k, v, mask: q)
+    patch(model, "_attention", lambda cfg, q, k, v, mask, prepared=None: q)
   elif name == "cache writes":
     patch(model, "write_cache_rows", lambda cache, new, index: cache)
   elif name == "norms, RoPE, SiLU":
@@ -70,8 +70,13 @@ def ablate(name: str):
     patch(medusa, "draft", lambda spec, cfg, dp, state: jnp.broadcast_to(
         state.last_B[:, None], (state.last_B.shape[0], spec.tree.num_nodes)))
   elif name == "accept, commit, emit":
-    patch(medusa, "accept_greedy", lambda spec, cfg, dp, tokens, hidden: medusa.Accepted(
-        jnp.zeros_like(tokens[:, 0]), jnp.zeros_like(tokens[:, 0]), jnp.zeros_like(tokens[:, 0]), tokens[:, 0]))
+    def accept(spec, cfg, dp, tokens, hidden):
+      # The nodes' argmax through the LM head stays: it is a projection, counted in its own row.
+      top = model.greedy_tokens(cfg, dp.params["base"], hidden, dp.prepared)
+      zero = jnp.zeros_like(tokens[:, 0])
+      return medusa.Accepted(zero, zero, zero, top[:, 0])
+
+    patch(medusa, "accept_greedy", accept)
     patch(medusa, "commit", lambda spec, cache, acc, live: model.advance(cache, live.astype(jnp.int32)))
   elif name != "none":
     raise ValueError(name)

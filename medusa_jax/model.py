@@ -295,13 +295,19 @@ def apply_rope(x_BxLxNxE, positions_BxL, inv_freq):
   return out.astype(x_BxLxNxE.dtype)
 
 
-def _attention(cfg, q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS):
+def _attention(cfg, q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, prepared=None):
   """Grouped-query attention over the cache; one [G*L, E] x [E, S] matmul per (sequence, kv head).
+
+  A decoding backend's (``prepared``: one of the layer's prepared groups) takes it where it has an
+  attention of its own (``backends.attend``): the CPU backend's reads only the written rows.
 
   The G query heads sharing a kv head and the L new tokens are merged into one matmul row axis
   (M = G*L) so that both matmuls are plain batched [b, k] matmuls with the cache operand read in
   place; with g and l as separate free axes XLA-CPU's dot ran several times slower.
   """
+  out = backends.attend(q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, prepared)
+  if out is not None:
+    return out.astype(q_BxLxHxE.dtype)
   B, L, H, E = q_BxLxHxE.shape
   K = cfg.num_kv_heads
   G = H // K
@@ -334,7 +340,8 @@ def _layer(cfg, p, x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, index_B, inv
     k_all = write_cache_rows(layer_cache["k"], k.transpose(0, 2, 1, 3), index_B)  # [B, K, L, E]
     v_all = write_cache_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index_B)
     new_cache = {"k": k_all, "v": v_all}
-  attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), mask_BxLxS)
+  attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), mask_BxLxS,
+                    prepared.get("qkv") if layer_cache is not None else None)
   (o,) = backends.project(attn.reshape(B, L, -1), w["wo"], prepared.get("wo"))
   x = x_BxLxD + o
   h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)

@@ -223,3 +223,62 @@ def test_roofline_and_report():
   # A record without the peak (a first use's) still reports, with the best measured GFLOP/s as peak.
   del record["peak_ms"]
   assert "compute peak" in kernel.report(record)
+
+
+def _attention_reference(q, k, v, mask):
+  """Grouped-query attention in float64 NumPy, one query row at a time; zeros for a row that attends
+  to nothing (the kernel's contract)."""
+  B, L, H, E = q.shape
+  K = k.shape[1]
+  out = np.zeros((B, L, H, E))
+  for b, l, h in np.ndindex(B, L, H):
+    rows = np.flatnonzero(mask[b, l])
+    if rows.size:
+      kv = h // (H // K)
+      s = k[b, kv, rows].astype(np.float64) @ q[b, l, h].astype(np.float64) / np.sqrt(E)
+      p = np.exp(s - s.max())
+      out[b, l, h] = p @ v[b, kv, rows] / p.sum()
+  return out
+
+
+# A one-token step, a 16-node tree at batch 2, 5 query heads on 1 kv head with E = 8 (the kernel's
+# non-vector path), and E = 48 (not a multiple of the 16-float vector).
+@pytest.mark.parametrize("B,L,H,K,E,S", [(1, 1, 9, 3, 64, 40), (2, 16, 9, 3, 64, 70), (3, 5, 5, 1, 8, 33),
+                                         (1, 4, 4, 2, 48, 20)])
+def test_attention_matches_a_brute_force_reference(B, L, H, K, E, S):
+  rng = np.random.default_rng(B * 100 + L)
+  q = rng.standard_normal((B, L, H, E)).astype(np.float32)
+  k = rng.standard_normal((B, K, S, E)).astype(np.float32)
+  v = rng.standard_normal((B, K, S, E)).astype(np.float32)
+  index = rng.integers(0, S - L, B)
+  tree = np.tril(rng.random((L, L)) < 0.5) | np.eye(L, dtype=bool)
+  mask = np.array(model_lib.cache_tree_mask(jnp.asarray(index, jnp.int32), tree, S))
+  mask[0, 0] = False  # a row that attends to nothing: zeros
+  attend = jax.jit(kernel.attention)
+  got = np.asarray(attend(q, k, v, mask))
+  np.testing.assert_allclose(got, _attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+  assert not got[0, 0].any()
+  # Rows past the last one a query row attends to are never read (a cache's unwritten capacity).
+  k2, v2 = k.copy(), v.copy()
+  for b in range(B):
+    k2[b, :, index[b] + L:] = np.nan
+    v2[b, :, index[b] + L:] = np.nan
+  np.testing.assert_array_equal(np.asarray(attend(q, k2, v2, mask)), got)
+  # Bit for bit, a query row's result does not depend on the other rows in its call.
+  for l in range(L):
+    np.testing.assert_array_equal(np.asarray(attend(q[:, l:l + 1], k, v, mask[:, l:l + 1]))[:, 0], got[:, l])
+
+
+def test_decoding_attention_goes_through_the_kernel(monkeypatch):
+  """A prepared decoder's steps run the attention kernel, and not with MEDUSA_JAX_CPU_ATTENTION=0
+  (the projections keep theirs)."""
+  from medusa_jax.backends import cpu  # pylint: disable=g-import-not-at-top
+  params = {"base": _base(CFG, seed=5)}
+  dec = medusa.make_decoder(CFG, decode.Sampling(max_new_tokens=4))
+  dp = dec.prepare(params)
+  state = dec.start(dp, [[5, 9, 3]])
+  assert kernel.ATTENTION_TARGET in jax.jit(dec.step).lower(dp, state).as_text()
+  monkeypatch.setenv(cpu.ATTENTION_ENV, "0")  # read when a step is traced: a new decoder's
+  off = medusa.make_decoder(CFG, decode.Sampling(max_new_tokens=4))
+  text = jax.jit(off.step).lower(dp, state).as_text()
+  assert kernel.ATTENTION_TARGET not in text and kernel.TARGET in text

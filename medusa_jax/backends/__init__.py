@@ -1,4 +1,5 @@
-"""Projection backends: the one seam through which decoding's weight projections may leave XLA's dot.
+"""Projection backends: the seam through which decoding's weight projections (and, optionally, its
+attention over the KV cache) may leave XLA's ops.
 
 The core (``model``, ``heads``, ``medusa``) keeps every weight in its plain layout, [in, out...], the
 one that suits TPU, GPU and XLA-CPU alike, and sends each projection a backend may serve through
@@ -14,7 +15,9 @@ A backend is a module, named in ``BACKENDS``, with:
                                          (turned off, unbuilt, not its dtype, weights on a mesh);
   ``takes(x)``                whether it serves a projection of ``x`` (rows: all but the last axis);
   ``matmul(x, data, out)``    ``x[..., in]`` times its copy ``data`` of a group: [..., out], the
-                              group's outputs side by side.
+                              group's outputs side by side;
+  ``attention(q, k, v, mask)``  optional: a decoding layer's attention over its KV cache (``attend``),
+                              or None where it does not take the call.
 
 The only one is the CPU decode kernel (``backends.cpu``). This module imports nothing from the package:
 the backends are imported when first asked for.
@@ -83,3 +86,14 @@ def project(x, ws: Sequence[jax.Array], prepared: Prepared | None = None, prefer
   dims = (((x.ndim - 1,), (0,)), ((), ()))
   return tuple(jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=preferred_element_type)
                for w in ws)
+
+
+def attend(q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, prepared: Prepared | None):
+  """A decoding layer's grouped-query attention over its cache through the backend that made
+  ``prepared`` (one of the layer's groups; None: no backend), or None where it has no attention or
+  does not take the call; the caller then runs XLA's. Same contract as ``model``'s: q [B, L, H, E],
+  k and v [B, K, S, E], bool mask [B, L, S]; [B, L, H, E]."""
+  if prepared is None:
+    return None
+  fn = getattr(_module(prepared.backend), "attention", None)
+  return None if fn is None else fn(q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS)

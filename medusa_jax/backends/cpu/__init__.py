@@ -11,6 +11,7 @@ q, k and v (or gate and up) once.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -53,3 +54,17 @@ def takes(x) -> bool:
 
 
 matmul = kernel.matmul
+
+ATTENTION_ENV = "MEDUSA_JAX_CPU_ATTENTION"
+
+
+def attention(q, k, v, mask):
+  """Decoding's attention over the cache in the kernel library (``kernel.attention``: one call per
+  layer, reading only the rows written so far), for as many new rows as the projections take (a long
+  prefill keeps XLA's batched matmuls); float32 only. ``MEDUSA_JAX_CPU_ATTENTION=0`` leaves it to XLA
+  (an A/B switch; the projections keep the kernel)."""
+  if os.environ.get(ATTENTION_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+    return None
+  if any(a.dtype != jnp.float32 for a in (q, k, v)) or not takes(q[..., 0, :]):
+    return None
+  return kernel.attention(q, k, v, mask)

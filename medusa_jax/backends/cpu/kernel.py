@@ -30,8 +30,12 @@ record). ``backends.cpu`` makes it a projection backend: it packs the projection
 defines (which matrices, fused how: ``model.projections``) with ``pack`` and sends the calls it takes
 to ``matmul``.
 
+The same library holds decoding's attention over the KV cache (``attention``, ``cpu_attention.cc``):
+one call per layer that reads only the cache rows attended to, not the cache's whole capacity.
+
 Settings (environment):
   * ``MEDUSA_JAX_CPU_KERNELS=0`` turns the kernel off (XLA's own dots, e.g. for an A/B benchmark).
+  * ``MEDUSA_JAX_CPU_ATTENTION=0`` leaves the attention to XLA (``backends.cpu.attention``).
   * ``MEDUSA_JAX_KERNEL_MAX_ROWS=n`` overrides the measured crossover (0: never).
   * ``MEDUSA_JAX_KERNEL_THREADS=n`` caps the threads the kernel uses (default: XLA's intra-op pool).
   * ``MEDUSA_JAX_KERNEL_HUGEPAGES=0`` keeps the kernel from backing the weights by huge pages.
@@ -70,6 +74,9 @@ ROWS_ENV = "MEDUSA_JAX_KERNEL_MAX_ROWS"
 # runs at 32 rows), up to a 128-row call.
 TUNE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _SRC = os.path.join(os.path.dirname(__file__), "cpu_matmul.cc")
+# The decode attention (``attention``) is built into the same library.
+_SRCS = (_SRC, os.path.join(os.path.dirname(__file__), "cpu_attention.cc"))
+ATTENTION_TARGET = "medusa_cpu_attention"
 # -ffp-contract=fast: the portable (non-AVX-512) build's updates become FMAs too, the same for every
 # row block, as the AVX-512 build's intrinsics are.
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -90,17 +97,20 @@ def _compiler() -> str | None:
   return None
 
 
-def _machine_dir(cxx: str) -> str:
-  """The cache directory of this source, compiler, jax and machine: the library and its tuning."""
-  with open(_SRC, "rb") as f:
-    src = f.read()
-  key = hashlib.sha256(b"\0".join([src, cxx.encode(), jax.__version__.encode(), platform.machine().encode(),
+def _machine_dir(cxx: str, srcs=_SRCS) -> str:
+  """The cache directory of these sources, compiler, jax and machine: the library (all sources) and
+  the matmul's tuning (keyed by ``cpu_matmul.cc`` alone: a change to the attention keeps it)."""
+  parts = []
+  for path in srcs:
+    with open(path, "rb") as f:
+      parts.append(f.read())
+  key = hashlib.sha256(b"\0".join([*parts, cxx.encode(), jax.__version__.encode(), platform.machine().encode(),
                                    platform.node().encode(), " ".join(_FLAGS).encode()])).hexdigest()[:16]
   return os.path.join(_cache_dir(), "kernels", key)
 
 
 def build(force: bool = False) -> str:
-  """Compiles ``cpu_matmul.cc`` for this machine (``-march=native``); returns the library path.
+  """Compiles ``cpu_matmul.cc`` and ``cpu_attention.cc`` for this machine (``-march=native``); returns the library path.
 
   The library is cached by a hash of the source, the compiler, jaxlib and the machine, and written
   atomically, so concurrent first uses (test workers) do not see a half-written file.
@@ -114,12 +124,12 @@ def build(force: bool = False) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
-  proc = subprocess.run([cxx, *_FLAGS, "-I", jax.ffi.include_dir(), _SRC, "-o", tmp], capture_output=True,
+  proc = subprocess.run([cxx, *_FLAGS, "-I", jax.ffi.include_dir(), *_SRCS, "-o", tmp], capture_output=True,
                         text=True)
   if proc.returncode != 0:
     os.unlink(tmp)
     errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines() or ["?"]
-    raise KernelBuildError(f"{cxx} failed to build {_SRC}: {errors[0].strip()}\n{proc.stderr[-2000:]}")
+    raise KernelBuildError(f"{cxx} failed to build {' and '.join(_SRCS)}: {errors[0].strip()}\n{proc.stderr[-2000:]}")
   os.replace(tmp, path)
   return path
 
@@ -129,6 +139,7 @@ def _load() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(build())
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MedusaCpuMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.MedusaCpuAttention), platform="cpu")
     return True
   except (KernelBuildError, OSError) as e:
     first, _, rest = str(e).partition("\n")
@@ -168,6 +179,15 @@ def matmul(x, packed, out_features: int):
   return y.reshape(*lead, out_features)
 
 
+def attention(q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS):
+  """Grouped-query attention of the L new rows over a cache (``cpu_attention.cc``): float32 q
+  [B, L, H, E], k and v [B, K, S, E], bool mask [B, L, S]; [B, L, H, E]. Reads only the cache rows
+  up to the last one each query row attends to; a row attending to nothing gets zeros."""
+  call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q_BxLxHxE.shape, jnp.float32))
+  return call(q_BxLxHxE.astype(jnp.float32), k_BxKxSxE.astype(jnp.float32), v_BxKxSxE.astype(jnp.float32),
+              mask_BxLxS.astype(jnp.bool_))
+
+
 # ----------------------------------------------------------------------------------------------
 # The measured crossover and the roofline
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +208,7 @@ def step_flops(rows: int) -> int:
 
 def _tuning_path() -> str | None:
   cxx = _compiler()
-  return None if cxx is None else os.path.join(_machine_dir(cxx), "dispatch.json")
+  return None if cxx is None else os.path.join(_machine_dir(cxx, (_SRC,)), "dispatch.json")
 
 
 def _step_fn(mm):
@@ -279,6 +299,7 @@ def tune(rows=TUNE_ROWS, repeats: int = 5, peak: bool = True) -> dict:
     record["peak_rows"] = PEAK_ROWS
     record["peak_ms"] = {name: round(1e3 * float(np.min(t[0])), 3) for name, t in big.items()}
   path = _tuning_path()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(path))
   with os.fdopen(fd, "w") as f:
     json.dump(record, f, indent=1)
