@@ -12,7 +12,9 @@ the rest of the loop state). Every ablated step's program must differ from the w
 stand-in that does not reach the traced step stops the run instead of timing noise as a cost.
 Components are measured one at a time: removing one can change what XLA fuses around it, so they
 need not add up exactly. Steps alternate within each round so that machine noise hits all alike;
-medians of ``--runs`` rounds. Prints one table (ms) and writes JSON with ``--out``.
+medians of ``--runs`` rounds. Prints one table (ms) and writes JSON with ``--out``. With
+``--xla_attention`` it also times each whole step with XLA's attention in place of the CPU backend's
+(``cpu_attention.cc``), in the same rounds; ``--max_new_tokens`` sizes the cache it reads.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def ablate(name: str):
 
     patch(medusa, "accept_greedy", accept)
     patch(medusa, "commit", lambda spec, cache, acc, live: model.advance(cache, live.astype(jnp.int32)))
+  elif name == XLA_ATTENTION:  # not an ablation: the whole step with XLA's attention instead of a backend's
+    patch(backends, "attend", lambda *a, **kw: None)
   elif name != "none":
     raise ValueError(name)
   try:
@@ -87,6 +91,7 @@ def ablate(name: str):
       setattr(obj, attr, fn)
 
 
+XLA_ATTENTION = "step, XLA's attention"
 ABLATIONS = ("none", "projections", "attention", "cache writes", "norms, RoPE, SiLU", "heads draft",
              "accept, commit, emit")
 
@@ -100,6 +105,9 @@ def main(argv=None):
   ap.add_argument("--prompt_tokens", type=int, default=96, help="prompt length: the cache the attention reads")
   ap.add_argument("--max_new_tokens", type=int, default=128)
   ap.add_argument("--runs", type=int, default=15)
+  ap.add_argument("--xla_attention", action="store_true",
+                  help="also time each whole step with XLA's attention in place of the CPU backend's "
+                       "(as MEDUSA_JAX_CPU_ATTENTION=0 does), in the same rounds: an A/B of that kernel")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
 
@@ -120,7 +128,7 @@ def main(argv=None):
 
   shared = loaded.params
   programs, hlo = {}, {}
-  for ab in ABLATIONS:
+  for ab in ABLATIONS + ((XLA_ATTENTION,) if args.xla_attention else ()):
     for label, spec in modes:
       if spec is None and ab in ("heads draft", "accept, commit, emit"):
         continue
@@ -161,6 +169,10 @@ def main(argv=None):
         row.append(f"{'-':>18}")
     print(f"{ab:<24}" + "".join(row))
   print(f"{'everything else':<24}" + "".join(f"{rest[l]:>18.2f}" for l in labels))
+  if args.xla_attention:
+    print(f"{XLA_ATTENTION:<24}" + "".join(f"{ms[XLA_ATTENTION, l]:>18.2f}" for l in labels))
+    print(f"{'  each / vanilla':<24}" + "".join(f"{ms[XLA_ATTENTION, l] / ms[XLA_ATTENTION, 'vanilla']:>17.2f}x" for l in labels))
+  print(f"{'whole step / vanilla':<24}" + "".join(f"{full[l] / full['vanilla']:>17.2f}x" for l in labels))
   print(f"kernel: {'on, <= %d rows' % kernel.max_rows() if shared.prepared is not None else 'off'}; "
         f"prompt {args.prompt_tokens} tokens, cache {model.cache_capacity(programs['none', 'vanilla'][2].cache)} rows; "
         f"{hardware.describe()}")

@@ -61,6 +61,110 @@ inline __m512 Exp(__m512 x) {
 }
 #endif
 
+// One past the last true entry of mask[0, S) (0 if none), eight bytes at a time: a cache's unwritten
+// capacity is a long run of false at the end.
+inline int64_t Extent(const bool* m, int64_t S) {
+  int64_t n = S;
+  while (n > 0 && (n & 7)) {
+    if (m[n - 1]) return n;
+    --n;
+  }
+  for (; n >= 8; n -= 8) {
+    uint64_t word;
+    std::memcpy(&word, m + n - 8, 8);
+    if (word) break;
+  }
+  while (n > 0 && !m[n - 1]) --n;
+  return n;
+}
+
+#if defined(__AVX512F__)
+// The item of Job::Item with G query heads and E = 16 * EV known at compile time: the G query rows
+// and their output accumulators stay in registers while the K and V rows stream by once. The same
+// arithmetic, in the same order, as the generic path.
+template <int G, int EV>
+void ItemFast(const float* qr, const float* kr, const float* vr, const bool* m, int64_t n, float scale,
+              float* sc, int64_t n16, float* o) {
+  __m512 q[G][EV], acc[G][EV];
+  for (int g = 0; g < G; ++g) {
+    for (int e = 0; e < EV; ++e) q[g][e] = _mm512_loadu_ps(qr + g * 16 * EV + 16 * e);
+  }
+  float mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
+  for (int64_t s = 0; s < n16; ++s) {
+    if (s >= n || !m[s]) {
+      for (int g = 0; g < G; ++g) sc[g * n16 + s] = -INFINITY;
+      continue;
+    }
+    __m512 k[EV];
+    for (int e = 0; e < EV; ++e) k[e] = _mm512_loadu_ps(kr + s * 16 * EV + 16 * e);
+    for (int g = 0; g < G; ++g) {
+      __m512 a = _mm512_mul_ps(q[g][0], k[0]);
+      for (int e = 1; e < EV; ++e) a = _mm512_fmadd_ps(q[g][e], k[e], a);
+      const float d = _mm512_reduce_add_ps(a) / scale;
+      sc[g * n16 + s] = d;
+      mx[g] = std::max(mx[g], d);
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* row = sc + g * n16;
+    const __m512 m512 = _mm512_set1_ps(mx[g]);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n16; s += 16) {
+      const __m512 p = Exp(_mm512_sub_ps(_mm512_loadu_ps(row + s), m512));
+      _mm512_storeu_ps(row + s, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+    for (int e = 0; e < EV; ++e) acc[g][e] = _mm512_setzero_ps();
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    if (!m[s]) continue;
+    __m512 v[EV];
+    for (int e = 0; e < EV; ++e) v[e] = _mm512_loadu_ps(vr + s * 16 * EV + 16 * e);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(sc[g * n16 + s]);
+      for (int e = 0; e < EV; ++e) acc[g][e] = _mm512_fmadd_ps(p, v[e], acc[g][e]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m512 iv = _mm512_set1_ps(inv[g]);
+    for (int e = 0; e < EV; ++e) _mm512_storeu_ps(o + g * 16 * EV + 16 * e, _mm512_mul_ps(acc[g][e], iv));
+  }
+}
+
+using FastFn = void (*)(const float*, const float*, const float*, const bool*, int64_t, float, float*, int64_t,
+                        float*);
+
+// The compiled (G, E) pairs: up to 12 query vectors (and as many accumulators) in registers.
+FastFn Fast(int64_t G, int64_t E) {
+  if (E == 64) {
+    switch (G) {
+      case 1: return ItemFast<1, 4>;
+      case 2: return ItemFast<2, 4>;
+      case 3: return ItemFast<3, 4>;
+    }
+  }
+  if (E == 128) {
+    switch (G) {
+      case 1: return ItemFast<1, 8>;
+    }
+  }
+  if (E == 32) {
+    switch (G) {
+      case 1: return ItemFast<1, 2>;
+      case 2: return ItemFast<2, 2>;
+      case 3: return ItemFast<3, 2>;
+      case 4: return ItemFast<4, 2>;
+      case 5: return ItemFast<5, 2>;
+      case 6: return ItemFast<6, 2>;
+    }
+  }
+  return nullptr;
+}
+#endif
+
 struct Job {
   const float* q;
   const float* k;
@@ -69,6 +173,9 @@ struct Job {
   float* out;
   int64_t B, L, H, K, S, E, G;
   float scale;
+#if defined(__AVX512F__)
+  FastFn fast = nullptr;
+#endif
   int64_t num_items, chunk, num_chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -77,8 +184,7 @@ struct Job {
   void Item(int64_t item, std::vector<float>& buf) const {
     const int64_t l = item % L, kv = (item / L) % K, b = item / (L * K);
     const bool* m = mask + (b * L + l) * S;
-    int64_t n = S;  // attended rows lie in [0, n)
-    while (n > 0 && !m[n - 1]) --n;
+    const int64_t n = Extent(m, S);  // attended rows lie in [0, n)
     const float* kr = k + (b * K + kv) * S * E;
     const float* vr = v + (b * K + kv) * S * E;
     const float* qr = q + ((b * L + l) * H + kv * G) * E;
@@ -90,6 +196,12 @@ struct Job {
     const int64_t n16 = (n + 15) / 16 * 16;
     buf.resize(static_cast<size_t>(G * n16));
     float* sc = buf.data();  // [G, n16]: scores, then weights (0 where not attended)
+#if defined(__AVX512F__)
+    if (fast != nullptr) {
+      fast(qr, kr, vr, m, n, scale, sc, n16, o);
+      return;
+    }
+#endif
     const float kNeg = -INFINITY;
     float mx[kMaxG];
     for (int64_t g = 0; g < G; ++g) mx[g] = kNeg;
@@ -197,6 +309,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   job->B = qd[0], job->L = qd[1], job->H = qd[2], job->E = qd[3], job->K = kd[1], job->S = kd[2];
   job->G = job->H / job->K;
   job->scale = std::sqrt(static_cast<float>(job->E));
+#if defined(__AVX512F__)
+  job->fast = Fast(job->G, job->E);
+#endif
   job->num_items = job->B * job->K * job->L;
   if (job->num_items == 0 || job->E == 0) return ffi::Error::Success();
   // An upper bound of the work (every row attended); the rows actually read are usually far fewer.
