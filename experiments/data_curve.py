@@ -125,6 +125,7 @@ def run_point(arm: str, budget: int, out: str, overrides=()) -> dict:
     raise SystemExit(f"stopped by {res['stopped']}: run the same command again to resume")
   loaded = runtime.load(config, heads=os.path.join(workdir, "export"))
   row = {"arm": arm, "budget": budget, "steps": int(config.train.steps), "train_and_cache_s": wall,
+         "commit": hardware.commit(),
          "data_s": data_seconds(config, loaded, arm, budget),
          "eval": {k: v for k, v in (res.get("eval") or {}).items() if k.endswith("/top1")}}
   return row, config, loaded
@@ -137,11 +138,13 @@ def write_outputs(results, out: str, docs: str | None) -> None:
   for p in pts:
     if p["arm"].startswith("soft") and p["data_s"] is None:
       p["data_s"] = soft_s.get(p["budget"])
-  header = ["recipe", "tokens", "steps", "data wall s", "head top-1 (1/2/3/4)"] + [f"tok/step @{n}" for n in NODES]
+  meta = results.data["meta"]
+  header = (["recipe", "tokens", "steps", "data wall s", "head top-1 (1/2/3/4)"] + [f"tok/step @{n}" for n in NODES]
+            + ["commit"])
+  # A point keeps the commit that measured it (a resumed curve spans several); older points the run's.
   rows = [[p["arm"], budget_name(p["budget"]), p["steps"], None if p["data_s"] is None else round(p["data_s"]),
            " / ".join(f"{x:.3f}" for x in p["head_top1"])] + [round(p["tokens_per_step"][str(n)], 3) for n in NODES]
-          for p in pts]
-  meta = results.data["meta"]
+          + [p.get("commit") or meta.get("commit")] for p in pts]
   ablate.write_table(out, f"Data curve ({meta['hardware']})", header, rows)
 
   def draw(ax):
