@@ -61,6 +61,28 @@ inline __m512 Exp(__m512 x) {
 }
 #endif
 
+// Turns a row of n16 scores (-inf where not attended) into exp(score - mx) in place; returns their
+// sum. Not-attended rows become exactly 0.
+inline float ExpInPlace(float* row, int64_t n16, float mx) {
+#if defined(__AVX512F__)
+  const __m512 m512 = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n16; s += 16) {
+    const __m512 p = Exp(_mm512_sub_ps(_mm512_loadu_ps(row + s), m512));
+    _mm512_storeu_ps(row + s, p);
+    acc = _mm512_add_ps(acc, p);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float sum = 0.f;
+  for (int64_t s = 0; s < n16; ++s) {
+    row[s] = row[s] == -INFINITY ? 0.f : std::exp(row[s] - mx);
+    sum += row[s];
+  }
+  return sum;
+#endif
+}
+
 // One past the last true entry of mask[0, S) (0 if none), eight bytes at a time: a cache's unwritten
 // capacity is a long run of false at the end.
 inline int64_t Extent(const bool* m, int64_t S) {
@@ -108,15 +130,7 @@ void ItemFast(const float* qr, const float* kr, const float* vr, const bool* m, 
   }
   float inv[G];
   for (int g = 0; g < G; ++g) {
-    float* row = sc + g * n16;
-    const __m512 m512 = _mm512_set1_ps(mx[g]);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t s = 0; s < n16; s += 16) {
-      const __m512 p = Exp(_mm512_sub_ps(_mm512_loadu_ps(row + s), m512));
-      _mm512_storeu_ps(row + s, p);
-      sum = _mm512_add_ps(sum, p);
-    }
-    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+    inv[g] = 1.f / ExpInPlace(sc + g * n16, n16, mx[g]);
     for (int e = 0; e < EV; ++e) acc[g][e] = _mm512_setzero_ps();
   }
   for (int64_t s = 0; s < n; ++s) {
@@ -233,26 +247,7 @@ struct Job {
       }
     }
     float sum[kMaxG];
-    for (int64_t g = 0; g < G; ++g) {
-      float* row = sc + g * n16;
-      sum[g] = 0.f;
-#if defined(__AVX512F__)
-      const __m512 m512 = _mm512_set1_ps(mx[g]);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t s = 0; s < n16; s += 16) {
-        // Not-attended rows hold -inf: exp(-inf - max) is flushed to exactly 0.
-        const __m512 p = Exp(_mm512_sub_ps(_mm512_loadu_ps(row + s), m512));
-        _mm512_storeu_ps(row + s, p);
-        acc = _mm512_add_ps(acc, p);
-      }
-      sum[g] = _mm512_reduce_add_ps(acc);
-#else
-      for (int64_t s = 0; s < n16; ++s) {
-        row[s] = row[s] == kNeg ? 0.f : std::exp(row[s] - mx[g]);
-        sum[g] += row[s];
-      }
-#endif
-    }
+    for (int64_t g = 0; g < G; ++g) sum[g] = ExpInPlace(sc + g * n16, n16, mx[g]);
     for (int64_t g = 0; g < G; ++g) std::memset(o + g * E, 0, sizeof(float) * E);
     for (int64_t s = 0; s < n; ++s) {
       if (!m[s]) continue;
