@@ -307,7 +307,7 @@ def _attention(cfg, q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, prepared=None):
   """
   out = backends.attend(q_BxLxHxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, prepared)
   if out is not None:
-    return out.astype(q_BxLxHxE.dtype)
+    return out
   B, L, H, E = q_BxLxHxE.shape
   K = cfg.num_kv_heads
   G = H // K

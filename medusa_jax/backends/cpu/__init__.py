@@ -65,6 +65,6 @@ def attention(q, k, v, mask):
   (an A/B switch; the projections keep the kernel)."""
   if os.environ.get(ATTENTION_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
     return None
-  if any(a.dtype != jnp.float32 for a in (q, k, v)) or not takes(q[..., 0, :]):
+  if any(a.dtype != jnp.float32 for a in (q, k, v)) or q.shape[0] * q.shape[1] > kernel.max_rows():
     return None
   return kernel.attention(q, k, v, mask)

@@ -21,21 +21,22 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Items are handed out in chunks; below this many multiply-adds in all, one thread does everything
-// (waking the pool costs more than the work: a one-token step's layer is ~0.1 M).
+// Items are handed out in chunks; below this many multiply-adds in all (over the rows actually
+// attended), one thread does everything (waking the pool costs more than the work: a one-token
+// step's layer over ~100 rows is ~0.1 M).
 constexpr int64_t kSerialMacs = int64_t{1} << 20;
 constexpr int kMaxG = 16;
 
@@ -81,6 +82,33 @@ inline float ExpInPlace(float* row, int64_t n16, float mx) {
   }
   return sum;
 #endif
+}
+
+// q . k over E floats: one product, then fused multiply-adds, 16 lanes at a time where E allows
+// (the order ItemFast uses), else one scalar chain.
+inline float Dot(const float* q, const float* k, int64_t E) {
+#if defined(__AVX512F__)
+  if (E % 16 == 0) {
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+    for (int64_t e = 16; e < E; e += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + e), _mm512_loadu_ps(k + e), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float d = 0.f;
+  for (int64_t e = 0; e < E; ++e) d = std::fma(q[e], k[e], d);
+  return d;
+}
+
+// o += p * v over E floats, one fused multiply-add per element.
+inline void Axpy(float p, const float* v, float* o, int64_t E) {
+#if defined(__AVX512F__)
+  if (E % 16 == 0) {
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int64_t e = 0; e < E; e += 16) _mm512_storeu_ps(o + e, _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + e), _mm512_loadu_ps(o + e)));
+    return;
+  }
+#endif
+  for (int64_t e = 0; e < E; ++e) o[e] = std::fma(p, v[e], o[e]);
 }
 
 // One past the last true entry of mask[0, S) (0 if none), eight bytes at a time: a cache's unwritten
@@ -185,6 +213,7 @@ struct Job {
   const float* v;
   const bool* mask;
   float* out;
+  std::vector<int64_t> extent;  // [B * L]: attended rows of each query row lie in [0, extent)
   int64_t B, L, H, K, S, E, G;
   float scale;
 #if defined(__AVX512F__)
@@ -198,7 +227,7 @@ struct Job {
   void Item(int64_t item, std::vector<float>& buf) const {
     const int64_t l = item % L, kv = (item / L) % K, b = item / (L * K);
     const bool* m = mask + (b * L + l) * S;
-    const int64_t n = Extent(m, S);  // attended rows lie in [0, n)
+    const int64_t n = extent[b * L + l];
     const float* kr = k + (b * K + kv) * S * E;
     const float* vr = v + (b * K + kv) * S * E;
     const float* qr = q + ((b * L + l) * H + kv * G) * E;
@@ -226,22 +255,7 @@ struct Job {
       }
       const float* ks = kr + s * E;
       for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qr + g * E;
-        float d;
-#if defined(__AVX512F__)
-        if (E % 16 == 0) {
-          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(ks));
-          for (int64_t e = 16; e < E; e += 16) {
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + e), _mm512_loadu_ps(ks + e), acc);
-          }
-          d = _mm512_reduce_add_ps(acc);
-        } else
-#endif
-        {
-          d = 0.f;
-          for (int64_t e = 0; e < E; ++e) d = std::fma(qg[e], ks[e], d);
-        }
-        d /= scale;
+        const float d = Dot(qr + g * E, ks, E) / scale;
         sc[g * n16 + s] = d;
         mx[g] = std::max(mx[g], d);
       }
@@ -251,21 +265,7 @@ struct Job {
     for (int64_t g = 0; g < G; ++g) std::memset(o + g * E, 0, sizeof(float) * E);
     for (int64_t s = 0; s < n; ++s) {
       if (!m[s]) continue;
-      const float* vs = vr + s * E;
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = sc[g * n16 + s];
-        float* og = o + g * E;
-#if defined(__AVX512F__)
-        if (E % 16 == 0) {
-          const __m512 pv = _mm512_set1_ps(p);
-          for (int64_t e = 0; e < E; e += 16) {
-            _mm512_storeu_ps(og + e, _mm512_fmadd_ps(pv, _mm512_loadu_ps(vs + e), _mm512_loadu_ps(og + e)));
-          }
-          continue;
-        }
-#endif
-        for (int64_t e = 0; e < E; ++e) og[e] = std::fma(p, vs[e], og[e]);
-      }
+      for (int64_t g = 0; g < G; ++g) Axpy(sc[g * n16 + s], vr + s * E, o + g * E, E);
     }
     for (int64_t g = 0; g < G; ++g) {
       const float inv = 1.f / sum[g];
@@ -309,15 +309,15 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 #endif
   job->num_items = job->B * job->K * job->L;
   if (job->num_items == 0 || job->E == 0) return ffi::Error::Success();
-  // An upper bound of the work (every row attended); the rows actually read are usually far fewer.
-  const int64_t macs = job->num_items * job->G * job->S * job->E * 2;
-  int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
-  if (macs < kSerialMacs) workers = 1;
+  // Each query row's extent once (its K items share it), and the work they add up to.
+  job->extent.resize(job->B * job->L);
+  int64_t rows = 0;
+  for (int64_t i = 0; i < job->B * job->L; ++i) rows += job->extent[i] = Extent(job->mask + i * job->S, job->S);
+  const int64_t macs = rows * job->H * job->E * 2;
+  const int64_t workers = macs < kSerialMacs ? 1 : medusa_cpu::Workers(pool);
   job->chunk = std::max<int64_t>(1, job->num_items / (4 * workers));
   job->num_chunks = (job->num_items + job->chunk - 1) / job->chunk;
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
+  medusa_cpu::Run(pool, job, workers);
   return ffi::Error::Success();
 }
 

@@ -28,7 +28,6 @@
 #include <memory>
 #include <mutex>
 #include <set>
-#include <thread>
 #include <utility>
 
 #if defined(__linux__)
@@ -39,6 +38,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -195,21 +195,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     std::memset(job->y, 0, sizeof(float) * job->M * job->NP * kPanel);
     return ffi::Error::Success();
   }
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  static const int64_t cap = [] {
-    const char* e = std::getenv("MEDUSA_JAX_KERNEL_THREADS");
-    return e ? std::atoll(e) : 0;
-  }();
-  int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), hw));
-  if (cap > 0) workers = std::min(workers, cap);
+  const int64_t workers = medusa_cpu::Workers(pool);
   // About 8 chunks per worker, so a thread that starts late or is descheduled costs little.
   job->chunk = std::max<int64_t>(1, job->NP / (8 * workers));
   job->num_chunks = (job->NP + job->chunk - 1) / job->chunk;
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  // Every chunk has been claimed; wait for the ones other threads are still computing. A task
-  // that starts after this returns finds no chunk left and only touches the shared Job.
-  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
+  medusa_cpu::Run(pool, job, workers);
   return ffi::Error::Success();
 }
 

@@ -74,8 +74,9 @@ ROWS_ENV = "MEDUSA_JAX_KERNEL_MAX_ROWS"
 # runs at 32 rows), up to a 128-row call.
 TUNE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _SRC = os.path.join(os.path.dirname(__file__), "cpu_matmul.cc")
-# The decode attention (``attention``) is built into the same library.
+# The decode attention (``attention``) is built into the same library; both include the header.
 _SRCS = (_SRC, os.path.join(os.path.dirname(__file__), "cpu_attention.cc"))
+_HEADER = os.path.join(os.path.dirname(__file__), "cpu_pool.h")
 ATTENTION_TARGET = "medusa_cpu_attention"
 # -ffp-contract=fast: the portable (non-AVX-512) build's updates become FMAs too, the same for every
 # row block, as the AVX-512 build's intrinsics are.
@@ -97,9 +98,9 @@ def _compiler() -> str | None:
   return None
 
 
-def _machine_dir(cxx: str, srcs=_SRCS) -> str:
+def _machine_dir(cxx: str, srcs=(*_SRCS, _HEADER)) -> str:
   """The cache directory of these sources, compiler, jax and machine: the library (all sources) and
-  the matmul's tuning (keyed by ``cpu_matmul.cc`` alone: a change to the attention keeps it)."""
+  the matmul's tuning (keyed by ``cpu_matmul.cc`` and its header: a change to the attention keeps it)."""
   parts = []
   for path in srcs:
     with open(path, "rb") as f:
@@ -208,7 +209,7 @@ def step_flops(rows: int) -> int:
 
 def _tuning_path() -> str | None:
   cxx = _compiler()
-  return None if cxx is None else os.path.join(_machine_dir(cxx, (_SRC,)), "dispatch.json")
+  return None if cxx is None else os.path.join(_machine_dir(cxx, (_SRC, _HEADER)), "dispatch.json")
 
 
 def _step_fn(mm):
