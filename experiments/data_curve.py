@@ -14,13 +14,19 @@ tree at 8, 16 and 64 nodes (tokens/step does not depend on the hardware). Recipe
   distilled     today's recipe: the backbone's own greedy replies, cross-entropy; its data must be
                 made first (``python -m medusa_jax.distill --config configs/smollm2_medusa1.py``,
                 ~1M tokens, about 2 hours of generation per million tokens on a 2-core CPU);
-  distilled+prefix  the same with the prefix layer.
+  distilled+prefix  the same with the prefix layer;
+  mix+prefix    both, in turn: at budget B, the soft+prefix point at B/2 (its heads and prefix
+                layer, run first if missing) trained one more epoch on the first B/2 tokens of the
+                self-distilled replies (``heads_dir``). Soft labels are cheap to make; the
+                self-distilled text is what the heads are judged on.
 
 Equal compute is the fair axis, so each row also gives the wall time of making its data: the
 backbone's hidden-state pass over the budget for the teacher-forced recipes (``hidden_cache``'s
 per-shard records; budgets share one cache, each costing its own prefix), the distillation's
-generation for the self-distilled ones is not re-timed (the distillation prints its rate: ~128 tok/s on
-a 2-core Intel Xeon, ~90-130 on an AMD EPYC), and the training time.
+generation for the self-distilled ones (each reply's record in ``replies.jsonl`` carries its share of
+its batch's wall time; ~128 tok/s on a 2-core Intel Xeon, ~360 on an AMD EPYC), and the training time.
+
+Each point records the commit and the CPU that measured it.
 
 Resumes: finished points are kept in ``OUT/results.json``; a killed training resumes from its
 checkpoint in ``OUT/ARM/BUDGET``; the hidden-state cache keeps its finished shards. Writes
@@ -40,7 +46,7 @@ import time
 import jax
 import numpy as np
 
-from medusa_jax import calibrate, hardware, hidden_cache, prompts, runtime, train_data, trainer
+from medusa_jax import calibrate, distill, hardware, hidden_cache, prompts, runtime, train_data, trainer
 from medusa_jax import decode
 
 
@@ -54,7 +60,10 @@ def _sibling(name):
 ablate = _sibling("ablate")
 
 CONFIG = "configs/smollm2_medusa1.py"
-ARMS = {"soft": ":soft", "soft+prefix": ":soft,prefix", "distilled": "", "distilled+prefix": ":prefix"}
+ARMS = {"soft": ":soft", "soft+prefix": ":soft,prefix", "distilled": "", "distilled+prefix": ":prefix",
+        "mix+prefix": ":prefix"}
+# Two-stage arms: (the arm whose point at half the budget they start from, the fraction of the budget it takes).
+STAGES = {"mix+prefix": ("soft+prefix", 0.5)}
 NODES = (8, 16, 64)
 
 
@@ -109,14 +118,26 @@ def data_seconds(config, loaded, arm: str, budget: int):
     d = hidden_cache.cache_dir(loaded.cfg, loaded.params["base"], config.data.data_dir, name, "train",
                                int(config.train.seq_len), config.train.cache_dtype)
     return hidden_cache.build_seconds(d, budget)  # the shards' own records: no second pass over the data
-  # Self-distilled: the generation ran before this script (medusa_jax.distill prints its rate);
-  # it is not re-timed here.
-  return None
+  # Self-distilled: the generation of the replies in the budget, as each reply's record gives it
+  # (its share of its batch's wall time); None for replies written before records carried it.
+  train, _ = train_data.sources(config, loaded.tokenizer)
+  return distill.generation_seconds(distill.default_workdir(config), (train[i]["id"] for i in range(len(train))))
 
 
-def run_point(arm: str, budget: int, out: str, overrides=()) -> dict:
-  config = ablate.load_config(CONFIG + ARMS[arm], [f"--config.data.max_tokens={budget}", "--config.train.epochs=1",
-                                                 *overrides])
+def stage_budgets(arm: str, budget: int) -> tuple[str | None, int, int]:
+  """(the arm a two-stage arm starts from or None, that stage's budget, this stage's budget)."""
+  if arm not in STAGES:
+    return None, 0, budget
+  first, frac = STAGES[arm]
+  b0 = int(round(budget * frac))
+  return first, b0, budget - b0
+
+
+def run_point(arm: str, budget: int, out: str, overrides=(), first_point: dict | None = None) -> dict:
+  first, b0, mine = stage_budgets(arm, budget)
+  extra = [f"--config.heads_dir={os.path.join(out, first, budget_name(b0), 'export')}"] if first else []
+  config = ablate.load_config(CONFIG + ARMS[arm], [f"--config.data.max_tokens={mine}", "--config.train.epochs=1",
+                                                 *extra, *overrides])
   workdir = os.path.join(out, arm, budget_name(budget))
   t0 = time.perf_counter()
   res = trainer.train_and_evaluate(config, workdir)
@@ -125,10 +146,20 @@ def run_point(arm: str, budget: int, out: str, overrides=()) -> dict:
     raise SystemExit(f"stopped by {res['stopped']}: run the same command again to resume")
   loaded = runtime.load(config, heads=os.path.join(workdir, "export"))
   row = {"arm": arm, "budget": budget, "steps": int(config.train.steps), "train_and_cache_s": wall,
-         "commit": hardware.commit(),
-         "data_s": data_seconds(config, loaded, arm, budget),
+         "commit": hardware.commit(), "cpu": hardware.cpu_model(),
+         "data_s": data_seconds(config, loaded, arm, mine),
          "eval": {k: v for k, v in (res.get("eval") or {}).items() if k.endswith("/top1")}}
-  return row, config, loaded
+  return with_first_stage(row, first_point), config, loaded
+
+
+def with_first_stage(row: dict, first_point: dict | None) -> dict:
+  """A two-stage arm's row with its first stage's steps and costs added (unknown stays unknown)."""
+  if first_point is None:
+    return row
+  row = dict(row)
+  for k in ("steps", "train_and_cache_s", "data_s"):
+    row[k] = None if None in (row[k], first_point[k]) else row[k] + first_point[k]
+  return row
 
 
 def write_outputs(results, out: str, docs: str | None) -> None:
@@ -140,12 +171,15 @@ def write_outputs(results, out: str, docs: str | None) -> None:
       p["data_s"] = soft_s.get(p["budget"])
   meta = results.data["meta"]
   header = (["recipe", "tokens", "steps", "data wall s", "head top-1 (1/2/3/4)"] + [f"tok/step @{n}" for n in NODES]
-            + ["commit"])
-  # A point keeps the commit that measured it (a resumed curve spans several); older points the run's.
+            + ["commit", "cpu"])
+  # A point keeps the commit and CPU that measured it (a resumed curve spans several sessions and
+  # machines: tokens/step does not depend on the machine, the data and training times do); older
+  # points the run's.
   rows = [[p["arm"], budget_name(p["budget"]), p["steps"], None if p["data_s"] is None else round(p["data_s"]),
            " / ".join(f"{x:.3f}" for x in p["head_top1"])] + [round(p["tokens_per_step"][str(n)], 3) for n in NODES]
-          + [p.get("commit") or meta.get("commit")] for p in pts]
-  ablate.write_table(out, f"Data curve ({meta['hardware']})", header, rows)
+          + [p.get("commit") or meta.get("commit"), p.get("cpu") or meta.get("cpu")] for p in pts]
+  ablate.write_table(out, f"Data curve (each row's commit and CPU in its row; the last run: {meta['hardware']})",
+                     header, rows)
 
   def draw(ax):
     for arm in sorted({p["arm"] for p in pts}):
@@ -181,23 +215,35 @@ def main(argv=None):
     ap.error(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
   budgets = sorted(parse_budget(b) for b in args.budgets.split(","))
   results = ablate.Results(args.out, {"hardware": hardware.describe(), "commit": hardware.commit(),
+                                      "cpu": hardware.cpu_model(),
                                       "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens})
   print(f"data curve on {hardware.describe()}: arms {arms}, budgets {[budget_name(b) for b in budgets]}")
   gens = None
+
+  def point(arm, budget, need_export=False):
+    nonlocal gens
+    key = f"{arm}@{budget_name(budget)}"
+    export = os.path.join(args.out, arm, budget_name(budget), "export")
+    if results.has(key) and (not need_export or os.path.isdir(export)):
+      return results.points[key]
+    first, b0, _ = stage_budgets(arm, budget)
+    # A second stage starts from its first stage's heads: a point measured elsewhere (no export
+    # here) is trained again.
+    first_point = point(first, b0, need_export=True) if first else None
+    print(f"== {key}")
+    row, config, loaded = run_point(arm, budget, args.out, args.override, first_point)
+    if gens is None:
+      gens = generations_for(config, loaded, os.path.join(args.out, "generations.json"), args.num_prompts,
+                             args.max_new_tokens)
+    row.update(acceptance(loaded, *gens))
+    print(json.dumps(row))
+    results.put(key, row)
+    write_outputs(results, args.out, args.docs)
+    return row
+
   for budget in budgets:
     for arm in arms:
-      key = f"{arm}@{budget_name(budget)}"
-      if results.has(key):
-        continue
-      print(f"== {key}")
-      row, config, loaded = run_point(arm, budget, args.out, args.override)
-      if gens is None:
-        gens = generations_for(config, loaded, os.path.join(args.out, "generations.json"), args.num_prompts,
-                               args.max_new_tokens)
-      row.update(acceptance(loaded, *gens))
-      print(json.dumps(row))
-      results.put(key, row)
-      write_outputs(results, args.out, args.docs)
+      point(arm, budget)
   write_outputs(results, args.out, args.docs)
 
 

@@ -11,8 +11,8 @@ itself, and the dataset is those one-turn conversations. Only conversations in t
 MT-Bench is never read here.
 
 Replies are appended to ``WORKDIR/replies.jsonl`` one batch at a time, one ShareGPT-style record
-per line (``{"id", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}``), so a killed
-run resumes where it stopped; raising ``num_prompts`` later reuses every reply already there. The
+per line (``{"id", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}], "seconds"}``, the
+last its share of its batch's wall time: ``generation_seconds`` sums it), so a killed run resumes where it stopped; raising ``num_prompts`` later reuses every reply already there. The
 replies are then materialised as a TFDS dataset under ``config.data.data_dir``, named by
 ``prompts.distilled_dataset_name(config)``: what ``train.py`` reads when ``config.data.source='distilled'``.
 
@@ -85,6 +85,19 @@ def read_replies(path: str) -> dict[str, dict]:
   return records
 
 
+def generation_seconds(out_dir: str, ids) -> float | None:
+  """Wall seconds the generation of these replies took (each record's share of its batch), or
+  None when a reply is missing or was written before replies recorded it."""
+  replies = read_replies(os.path.join(out_dir, REPLIES_FILE))
+  total = 0.0
+  for i in ids:
+    rec = replies.get(i.decode() if isinstance(i, bytes) else str(i))  # dataset ids are bytes
+    if rec is None or "seconds" not in rec:
+      return None
+    total += float(rec["seconds"])
+  return total
+
+
 def _check_settings(out_dir: str, config) -> None:
   """Refuses to extend a replies file written with other settings (its replies would be mixed)."""
   settings = {"tag": prompts_lib.settings_tag(config), "model": config.model}
@@ -121,15 +134,18 @@ def generate_replies(config, loaded: runtime.Loaded, prompts: Sequence[prompts_l
   eos = loaded.cfg.eos_ids
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(done))
   bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit=" prompt")
-  t0 = time.perf_counter()
+  t0 = last = time.perf_counter()
   with preemption.StopSignals() as stop, open(path, "a", encoding="utf-8") as f:
     dparams = decoder.prepare(loaded.params)
     for idx, outs in decode.batched_generate(decoder, dparams, [p.tokens for p in todo], int(d.batch_size), rng):
+      now = time.perf_counter()
+      share, last = (now - last) / max(len(idx), 1), now
       for i, toks in zip(idx, outs):
         p = todo[i]
         rec = {"id": p.id, "conversations": [
             {"from": "human", "value": p.text},
-            {"from": "gpt", "value": decode.reply_text(loaded.tokenizer, toks, eos)}]}
+            {"from": "gpt", "value": decode.reply_text(loaded.tokenizer, toks, eos)}],
+               "seconds": round(share, 4)}
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         stats["tokens"] += len(toks)
       # A batch is minutes of work on a CPU: make it durable before starting the next one.

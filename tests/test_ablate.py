@@ -90,3 +90,42 @@ def test_throughput_counts_every_sequence_of_a_batch():
   rows = [{"question_id": i, "tokens": list(range(n)), "steps": 9, "decode_seconds": 0.5, "prefill_seconds": 0.1}
           for i, n in enumerate((10, 6))]
   assert benchmark.summarize(rows)["tok_per_s"] == pytest.approx(14.0)
+
+
+def test_data_curve_two_stage_arm_runs_its_first_stage_first_and_adds_its_costs(tmp_path, monkeypatch):
+  dc = _script("data_curve")
+  calls = []
+
+  def fake_run_point(arm, budget, out, overrides=(), first_point=None):
+    calls.append((arm, budget, None if first_point is None else first_point["arm"]))
+    steps = {"soft+prefix": 10, "mix+prefix": 7}[arm]
+    data_s = {"soft+prefix": 100.0, "mix+prefix": 50.0}[arm]
+    row = {"arm": arm, "budget": budget, "steps": steps, "train_and_cache_s": 2.0 * steps, "data_s": data_s}
+    return dc.with_first_stage(row, first_point), None, None
+
+  monkeypatch.setattr(dc, "run_point", fake_run_point)
+  monkeypatch.setattr(dc, "generations_for", lambda *a: ([], []))
+  monkeypatch.setattr(dc, "acceptance", lambda loaded, *g: {"head_top1": [0.5] * 4,
+                                                            "tokens_per_step": {"8": 1.5, "16": 1.6, "64": 1.7}})
+  monkeypatch.setattr(dc, "write_outputs", lambda *a: None)
+  dc.main(["--arms", "mix+prefix", "--budgets", "1M", "--out", str(tmp_path)])
+  # mix@1M = soft+prefix@0.5M, then 0.5M tokens of the self-distilled replies
+  assert calls == [("soft+prefix", 500_000, None), ("mix+prefix", 1_000_000, "soft+prefix")]
+  assert dc.stage_budgets("mix+prefix", 1_000_000) == ("soft+prefix", 500_000, 500_000)
+  with open(tmp_path / "results.json") as f:
+    pts = json.load(f)["points"]
+  assert pts["mix+prefix@1M"]["steps"] == 17 and pts["mix+prefix@1M"]["data_s"] == 150.0
+  assert pts["mix+prefix@1M"]["train_and_cache_s"] == 34.0
+  # A rerun measures nothing again; an unknown data cost stays unknown in the sum.
+  calls.clear()
+  dc.main(["--arms", "mix+prefix", "--budgets", "1M", "--out", str(tmp_path)])
+  assert calls == []
+  assert dc.with_first_stage({"steps": 1, "train_and_cache_s": 1.0, "data_s": None},
+                             {"steps": 2, "train_and_cache_s": 2.0, "data_s": 5.0})["data_s"] is None
+  # A first stage measured elsewhere (its point seeded, no export here) is trained again first.
+  seeded = tmp_path / "seeded"
+  seeded.mkdir()
+  with open(seeded / "results.json", "w") as f:
+    json.dump({"meta": {}, "points": {"soft+prefix@0.5M": pts["soft+prefix@0.5M"]}}, f)
+  dc.main(["--arms", "mix+prefix", "--budgets", "1M", "--out", str(seeded)])
+  assert calls == [("soft+prefix", 500_000, None), ("mix+prefix", 1_000_000, "soft+prefix")]

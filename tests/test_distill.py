@@ -55,6 +55,8 @@ def test_replies_with_unicode_line_separators_survive(tmp_path):
   got = distill.read_replies(path)
   assert [got[r["id"]] for r in recs] == recs
   assert distill.read_replies(path) == got  # and the file was not rewritten without them
+  # Written before replies recorded their generation time: no time is made up for them.
+  assert distill.generation_seconds(str(tmp_path), ["a0"]) is None
 
 
 def test_resume_after_a_kill_and_a_larger_run(tiny_chat_dir, tmp_path, monkeypatch):
@@ -114,6 +116,13 @@ def test_resume_after_a_kill_and_a_larger_run(tiny_chat_dir, tmp_path, monkeypat
   assert stored <= set(ids)
   ex = train[0]
   assert ex["loss_mask"].sum() > 0 and len(ex["tokens"]) <= c8.data.max_len
+
+  # Each reply carries its share of its batch's wall time; the data curve sums them per budget.
+  assert all(r["seconds"] >= 0 for r in recs)
+  train_ids = [train[i]["id"] for i in range(len(train))]  # bytes, as the dataset stores them
+  want = sum(r["seconds"] for r in recs if r["id"].encode() in train_ids)
+  assert distill.generation_seconds(out, train_ids) == pytest.approx(want)
+  assert distill.generation_seconds(out, train_ids + [b"not-a-reply"]) is None
 
   # A finished run is not redone; other settings in the same workdir are refused.
   calls[:] = []
