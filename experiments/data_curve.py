@@ -12,19 +12,25 @@ tree at 8, 16 and 64 nodes (tokens/step does not depend on the hardware). Recipe
                 its token (KL); no generation (configs/smollm2_medusa1.py:soft);
   soft+prefix   the same, the heads reading the prefix-attention layer (:soft,prefix);
   distilled     today's recipe: the backbone's own greedy replies, cross-entropy; its data must be
-                made first (``python -m medusa_jax.distill --config configs/smollm2_medusa1.py``,
-                ~1M tokens, about 2 hours of generation per million tokens on a 2-core CPU);
+                made first, with as many prompts as the largest budget needs (~215 tokens each
+                with its prompt: ``python -m medusa_jax.distill --config configs/smollm2_medusa1.py
+                --config.distill.num_prompts=4700`` for 1M, ~1 h on a 2-core AMD EPYC, ~2.5 h on an
+                Intel Xeon), and this script given the same ``--override=--config.distill.num_prompts=4700``
+                (the dataset's name carries it);
   distilled+prefix  the same with the prefix layer;
   mix+prefix    both, in turn: at budget B, the soft+prefix point at B/2 (its heads and prefix
                 layer, run first if missing) trained one more epoch on the first B/2 tokens of the
                 self-distilled replies (``heads_dir``). Soft labels are cheap to make; the
-                self-distilled text is what the heads are judged on.
+                self-distilled text is what the heads are judged on. The second stage keeps the
+                first's draft vocabulary (counted on ShareGPT's replies) and starts its learning-rate
+                schedule afresh.
 
 Equal compute is the fair axis, so each row also gives the wall time of making its data: the
 backbone's hidden-state pass over the budget for the teacher-forced recipes (``hidden_cache``'s
 per-shard records; budgets share one cache, each costing its own prefix), the distillation's
 generation for the self-distilled ones (each reply's record in ``replies.jsonl`` carries its share of
-its batch's wall time; ~128 tok/s on a 2-core Intel Xeon, ~360 on an AMD EPYC), and the training time.
+its batch's wall time; ~128 tok/s on a 2-core Intel Xeon, ~270-360 on an AMD EPYC), and the training
+time. A budget larger than its dataset trains on all of it: the row's tokens then say how many.
 
 Each point records the commit and the CPU that measured it.
 
@@ -70,7 +76,7 @@ NODES = (8, 16, 64)
 def parse_budget(s: str) -> int:
   s = s.strip().upper()
   mult = {"K": 1e3, "M": 1e6}.get(s[-1:], 1)
-  return int(float(s[:-1] if s[-1:] in "KM" else s) * mult)
+  return int(round(float(s[:-1] if s[-1:] in "KM" else s) * mult))
 
 
 def budget_name(n: int) -> str:
@@ -145,7 +151,9 @@ def run_point(arm: str, budget: int, out: str, overrides=(), first_point: dict |
   if res.get("stopped"):
     raise SystemExit(f"stopped by {res['stopped']}: run the same command again to resume")
   loaded = runtime.load(config, heads=os.path.join(workdir, "export"))
+  train, _ = train_data.sources(config, loaded.tokenizer)
   row = {"arm": arm, "budget": budget, "steps": int(config.train.steps), "train_and_cache_s": wall,
+         "tokens": int(hidden_cache.offsets_of(train, int(config.train.seq_len))[-1]),
          "commit": hardware.commit(), "cpu": hardware.cpu_model(),
          "data_s": data_seconds(config, loaded, arm, mine),
          "eval": {k: v for k, v in (res.get("eval") or {}).items() if k.endswith("/top1")}}
@@ -157,27 +165,34 @@ def with_first_stage(row: dict, first_point: dict | None) -> dict:
   if first_point is None:
     return row
   row = dict(row)
-  for k in ("steps", "train_and_cache_s", "data_s"):
-    row[k] = None if None in (row[k], first_point[k]) else row[k] + first_point[k]
+  for k in ("steps", "train_and_cache_s", "data_s", "tokens"):
+    a, b = row.get(k), first_point.get(k)
+    row[k] = None if a is None or b is None else a + b
   return row
+
+
+def tokens_label(p: dict) -> str:
+  """The budget's name, and the tokens trained on where the data held fewer (under 98 %)."""
+  name, got = budget_name(p["budget"]), p.get("tokens")
+  return name if got is None or got >= 0.98 * p["budget"] else f"{name} ({got / 1e6:.2f}M)"
 
 
 def write_outputs(results, out: str, docs: str | None) -> None:
   pts = sorted(results.points.values(), key=lambda r: (r["arm"], r["budget"]))
   # The teacher-forced arms share one cache: a budget's data cost is the same for both.
-  soft_s = {p["budget"]: p["data_s"] for p in pts if p["arm"].startswith("soft") and p["data_s"] is not None}
+  soft_s = {(p["budget"], p.get("cpu")): p["data_s"] for p in pts
+            if p["arm"].startswith("soft") and p["data_s"] is not None}
   for p in pts:
     if p["arm"].startswith("soft") and p["data_s"] is None:
-      p["data_s"] = soft_s.get(p["budget"])
+      p["data_s"] = soft_s.get((p["budget"], p.get("cpu")))
   meta = results.data["meta"]
   header = (["recipe", "tokens", "steps", "data wall s", "head top-1 (1/2/3/4)"] + [f"tok/step @{n}" for n in NODES]
             + ["commit", "cpu"])
   # A point keeps the commit and CPU that measured it (a resumed curve spans several sessions and
-  # machines: tokens/step does not depend on the machine, the data and training times do); older
-  # points the run's.
-  rows = [[p["arm"], budget_name(p["budget"]), p["steps"], None if p["data_s"] is None else round(p["data_s"]),
+  # machines: tokens/step does not depend on the machine, the data and training times do).
+  rows = [[p["arm"], tokens_label(p), p["steps"], None if p["data_s"] is None else round(p["data_s"]),
            " / ".join(f"{x:.3f}" for x in p["head_top1"])] + [round(p["tokens_per_step"][str(n)], 3) for n in NODES]
-          + [p.get("commit") or meta.get("commit"), p.get("cpu") or meta.get("cpu")] for p in pts]
+          + [p.get("commit") or "?", p.get("cpu") or "?"] for p in pts]
   ablate.write_table(out, f"Data curve (each row's commit and CPU in its row; the last run: {meta['hardware']})",
                      header, rows)
 

@@ -11,8 +11,9 @@ itself, and the dataset is those one-turn conversations. Only conversations in t
 MT-Bench is never read here.
 
 Replies are appended to ``WORKDIR/replies.jsonl`` one batch at a time, one ShareGPT-style record
-per line (``{"id", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}], "seconds"}``, the
-last its share of its batch's wall time: ``generation_seconds`` sums it), so a killed run resumes where it stopped; raising ``num_prompts`` later reuses every reply already there. The
+per line (``{"id", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}], "seconds"}``,
+the last its share of its batch's wall time, which ``generation_seconds`` sums), so a killed run
+resumes where it stopped; raising ``num_prompts`` later reuses every reply already there. The
 replies are then materialised as a TFDS dataset under ``config.data.data_dir``, named by
 ``prompts.distilled_dataset_name(config)``: what ``train.py`` reads when ``config.data.source='distilled'``.
 
@@ -55,16 +56,8 @@ def default_workdir(config) -> str:
 # The replies file
 # ----------------------------------------------------------------------------------------------
 
-def read_replies(path: str) -> dict[str, dict]:
-  """``{id: record}`` of a replies file; a line cut short by a kill is dropped.
-
-  If the file had such a line (or lacks its final newline), it is rewritten with the whole records
-  only, so the next append starts on a fresh line.
-  """
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+def _parse_replies(text: str) -> tuple[dict[str, dict], int]:
+  """``({id: record}, number of broken lines)`` of a replies file's text."""
   records, bad = {}, 0
   # Records end at "\n" only: str.splitlines() would also cut a reply at U+2028, \x1c, \x85 ...
   # (JSON leaves them unescaped with ensure_ascii=False) and drop it as a broken line.
@@ -76,6 +69,20 @@ def read_replies(path: str) -> dict[str, dict]:
       records[str(rec["id"])] = rec
     except (json.JSONDecodeError, KeyError, TypeError):
       bad += 1
+  return records, bad
+
+
+def read_replies(path: str) -> dict[str, dict]:
+  """``{id: record}`` of a replies file; a line cut short by a kill is dropped.
+
+  If the file had such a line (or lacks its final newline), it is rewritten with the whole records
+  only, so the next append starts on a fresh line.
+  """
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  records, bad = _parse_replies(text)
   if bad or (text and not text.endswith("\n")):
     _log.warning("%s: dropping %d incomplete line(s) left by an interrupted run.", path, bad)
     tmp = path + ".tmp"
@@ -88,7 +95,11 @@ def read_replies(path: str) -> dict[str, dict]:
 def generation_seconds(out_dir: str, ids) -> float | None:
   """Wall seconds the generation of these replies took (each record's share of its batch), or
   None when a reply is missing or was written before replies recorded it."""
-  replies = read_replies(os.path.join(out_dir, REPLIES_FILE))
+  path = os.path.join(out_dir, REPLIES_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:  # read only: a distillation may be appending to it
+    replies, _ = _parse_replies(f.read())
   total = 0.0
   for i in ids:
     rec = replies.get(i.decode() if isinstance(i, bytes) else str(i))  # dataset ids are bytes

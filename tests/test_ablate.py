@@ -129,3 +129,11 @@ def test_data_curve_two_stage_arm_runs_its_first_stage_first_and_adds_its_costs(
     json.dump({"meta": {}, "points": {"soft+prefix@0.5M": pts["soft+prefix@0.5M"]}}, f)
   dc.main(["--arms", "mix+prefix", "--budgets", "1M", "--out", str(seeded)])
   assert calls == [("soft+prefix", 500_000, None), ("mix+prefix", 1_000_000, "soft+prefix")]
+
+
+def test_data_curve_labels_a_budget_its_data_fell_short_of():
+  dc = _script("data_curve")
+  assert dc.parse_budget("4.1M") == 4_100_000 and dc.parse_budget("500K") == 500_000
+  assert dc.tokens_label({"budget": 1_000_000, "tokens": 990_000}) == "1M"
+  assert dc.tokens_label({"budget": 1_000_000, "tokens": 927_000}) == "1M (0.93M)"
+  assert dc.tokens_label({"budget": 500_000}) == "0.5M"  # a point from before rows recorded it
