@@ -71,6 +71,9 @@ ARMS = {"soft": ":soft", "soft+prefix": ":soft,prefix", "distilled": "", "distil
 # Two-stage arms: (the arm whose point at half the budget they start from, the fraction of the budget it takes).
 STAGES = {"mix+prefix": ("soft+prefix", 0.5)}
 NODES = (8, 16, 64)
+# The checkout's commit when the curve started: a point's row names the code that ran it, not one
+# committed while it trained.
+COMMIT_AT_START = None
 
 
 def parse_budget(s: str) -> int:
@@ -154,7 +157,7 @@ def run_point(arm: str, budget: int, out: str, overrides=(), first_point: dict |
   train, _ = train_data.sources(config, loaded.tokenizer)
   row = {"arm": arm, "budget": budget, "steps": int(config.train.steps), "train_and_cache_s": wall,
          "tokens": int(hidden_cache.offsets_of(train, int(config.train.seq_len))[-1]),
-         "commit": hardware.commit(), "cpu": hardware.cpu_model(),
+         "commit": COMMIT_AT_START or hardware.commit(), "cpu": hardware.cpu_model(),
          "data_s": data_seconds(config, loaded, arm, mine),
          "eval": {k: v for k, v in (res.get("eval") or {}).items() if k.endswith("/top1")}}
   return with_first_stage(row, first_point), config, loaded
@@ -224,6 +227,8 @@ def main(argv=None):
   ap.add_argument("--max_new_tokens", type=int, default=128)
   ap.add_argument("--override", action="append", default=[], help="extra --config.KEY=VALUE for every run")
   args = ap.parse_args(argv)
+  global COMMIT_AT_START
+  COMMIT_AT_START = hardware.commit()
   arms = [a for a in args.arms.split(",") if a]
   unknown = [a for a in arms if a not in ARMS]
   if unknown:
