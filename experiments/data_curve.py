@@ -248,7 +248,8 @@ def main(argv=None):
       return results.points[key]
     first, b0, _ = stage_budgets(arm, budget)
     # A second stage starts from its first stage's heads: a point measured elsewhere (no export
-    # here) is trained again.
+    # here) is trained again, and its row becomes this machine's (the costs added to the second
+    # stage's are then the same machine's).
     first_point = point(first, b0, need_export=True) if first else None
     print(f"== {key}")
     row, config, loaded = run_point(arm, budget, args.out, args.override, first_point)
