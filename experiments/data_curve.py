@@ -120,16 +120,17 @@ def acceptance(loaded, ps, gens, nodes=NODES) -> dict:
           "tokens_per_step": {str(n): calibrate.simulate_tokens_per_step(ranks, choices[:n - 1]) for n in nodes}}
 
 
-def data_seconds(config, loaded, arm: str, budget: int):
-  """Wall seconds it took to make the first ``budget`` tokens of this arm's data on this machine."""
+def data_seconds(config, loaded, arm: str, train) -> float | None:
+  """Wall seconds it took to make this arm's training data on this machine: ``train``, the budget's
+  prefix of the train split (``data.max_tokens`` tokens)."""
   if arm.startswith("soft"):
     name = train_data.dataset_name(config)
     d = hidden_cache.cache_dir(loaded.cfg, loaded.params["base"], config.data.data_dir, name, "train",
                                int(config.train.seq_len), config.train.cache_dtype)
-    return hidden_cache.build_seconds(d, budget)  # the shards' own records: no second pass over the data
+    # the shards' own records: no second pass over the data
+    return hidden_cache.build_seconds(d, int(config.data.max_tokens))
   # Self-distilled: the generation of the replies in the budget, as each reply's record gives it
   # (its share of its batch's wall time); None for replies written before records carried it.
-  train, _ = train_data.sources(config, loaded.tokenizer)
   return distill.generation_seconds(distill.default_workdir(config), (train[i]["id"] for i in range(len(train))))
 
 
@@ -154,11 +155,11 @@ def run_point(arm: str, budget: int, out: str, overrides=(), first_point: dict |
   if res.get("stopped"):
     raise SystemExit(f"stopped by {res['stopped']}: run the same command again to resume")
   loaded = runtime.load(config, heads=os.path.join(workdir, "export"))
-  train, _ = train_data.sources(config, loaded.tokenizer)
+  train, _ = train_data.sources(config, loaded.tokenizer)  # the budget's prefix, read once for both below
   row = {"arm": arm, "budget": budget, "steps": int(config.train.steps), "train_and_cache_s": wall,
          "tokens": int(hidden_cache.offsets_of(train, int(config.train.seq_len))[-1]),
          "commit": COMMIT_AT_START or hardware.commit(), "cpu": hardware.cpu_model(),
-         "data_s": data_seconds(config, loaded, arm, mine),
+         "data_s": data_seconds(config, loaded, arm, train),
          "eval": {k: v for k, v in (res.get("eval") or {}).items() if k.endswith("/top1")}}
   return with_first_stage(row, first_point), config, loaded
 
@@ -234,7 +235,7 @@ def main(argv=None):
   if unknown:
     ap.error(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
   budgets = sorted(parse_budget(b) for b in args.budgets.split(","))
-  results = ablate.Results(args.out, {"hardware": hardware.describe(), "commit": hardware.commit(),
+  results = ablate.Results(args.out, {"hardware": hardware.describe(), "commit": COMMIT_AT_START,
                                       "cpu": hardware.cpu_model(),
                                       "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens})
   print(f"data curve on {hardware.describe()}: arms {arms}, budgets {[budget_name(b) for b in budgets]}")
